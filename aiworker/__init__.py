@@ -1,0 +1,3 @@
+"""aiworker: a DICOM network AI node for knee MRI."""
+
+__version__ = "0.1.0"

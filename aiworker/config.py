@@ -1,0 +1,220 @@
+"""The node's configuration: one YAML file, every key overridable from the environment.
+
+The YAML file (``config/aiworker.yaml`` holds the embedded defaults) is read, then each
+environment variable ``AIWORKER_<SECTION>__<KEY>`` (more ``__`` for deeper keys, e.g.
+``AIWORKER_DESTINATIONS__PACS__PORT``) replaces one value; the value is read as YAML, so
+``AIWORKER_NODE__ALLOWED_CALLERS='[{ae_title: MODALITY}]'`` works. The result is checked
+by the pydantic models below. A bad configuration raises :class:`ConfigError` whose
+message has one line per problem: where the value came from, the key, the bad value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path("config/aiworker.yaml")
+ENV_PREFIX = "AIWORKER_"
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedCaller(_Section):
+    """One caller allowed to associate: its calling AE title and, optionally, its address."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class TLS(_Section):
+    """DICOM TLS on the receiving port (PS3.15 Annex B, BCP 195 profile)."""
+
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLS:
+        if self.enabled and (self.cert is None or self.key is None):
+            raise ValueError("tls.enabled needs both cert and key")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("tls.require_client_cert needs ca (the CA that signs client certs)")
+        return self
+
+
+class Node(_Section):
+    """The DICOM listener: who we are, where we listen, who may call."""
+
+    ae_title: AETitle = "AIWORKER"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_associations: int = Field(16, ge=1, le=1024)
+    max_pdu_bytes: int = Field(262144, ge=0, description="0 = unlimited")
+    network_timeout_s: float = Field(60.0, gt=0)
+    allowed_callers: list[AllowedCaller] = []
+    tls: TLS = TLS()
+
+
+class Storage(_Section):
+    """Where instances and the state DB live, and how carefully they are written."""
+
+    data_dir: Path = Path("./var")
+    min_free_mb: int = Field(1024, ge=0)
+    fsync: bool = True
+
+
+class Completion(_Section):
+    """When a series counts as complete."""
+
+    series_stable_seconds: float = Field(10.0, gt=0)
+
+
+class DicomDestination(_Section):
+    kind: Literal["dicom"]
+    host: str
+    port: Port
+    ae_title: AETitle
+
+
+class HL7Destination(_Section):
+    kind: Literal["hl7"]
+    host: str
+    port: Port
+
+
+Destination = Annotated[DicomDestination | HL7Destination, Field(discriminator="kind")]
+
+
+class Pipeline(_Section):
+    """A series selection rule file, the model it feeds, and where results go."""
+
+    name: str
+    rules: Path
+    model: str
+    outputs: list[Literal["seg", "sr", "report", "hl7", "preview"]] = ["seg", "sr", "report", "hl7"]
+    send_to: list[str] = []
+
+
+class Web(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class Inference(_Section):
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or value.startswith("cuda:"):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+class Logging(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_lines: bool = False
+
+
+class Config(_Section):
+    """The whole configuration; every section has working defaults."""
+
+    node: Node = Node()
+    storage: Storage = Storage()
+    completion: Completion = Completion()
+    destinations: dict[str, Destination] = {}
+    pipelines: list[Pipeline] = []
+    web: Web = Web()
+    inference: Inference = Inference()
+    logging: Logging = Logging()
+
+    @model_validator(mode="after")
+    def _pipelines_name_known_destinations(self) -> Config:
+        for pipeline in self.pipelines:
+            for name in pipeline.send_to:
+                if name not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none defined"
+                    raise ValueError(
+                        f"pipeline {pipeline.name!r} sends to unknown destination {name!r} "
+                        f"(destinations: {known})"
+                    )
+        return self
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``str()`` has one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG, environ: dict[str, str] | None = None) -> Config:
+    """Read the YAML file at ``path``, apply ``AIWORKER_*`` overrides, and validate."""
+    path = Path(path)
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    sources = _apply_env_overrides(raw, environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, sources)) from exc
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[tuple, str]:
+    """Write each AIWORKER_A__B__C variable into raw[a][b][c]; return key path -> variable."""
+    sources: dict[tuple, str] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        target = raw
+        for key in keys[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        try:
+            target[keys[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            target[keys[-1]] = text
+        sources[tuple(keys)] = name
+    return sources
+
+
+def _describe(exc: ValidationError, path: Path, sources: dict[tuple, str]) -> list[str]:
+    """One line per problem: source, dotted key, the bad value, what is allowed."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+        loc = tuple(part for part in loc if part not in ("dicom", "hl7"))
+        origin = next(
+            (f"{var} (environment)" for keys, var in sources.items() if loc[: len(keys)] == keys),
+            str(path),
+        )
+        key = ".".join(loc) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"{origin}: {key}: {message}{shown}")
+    return lines

@@ -1,0 +1,76 @@
+"""The running node: opens the store, reconciles it, starts the completion scheduler and the SCP.
+
+``aiworker serve`` is :func:`serve`; tests and benchmarks start it the same way, as a
+subprocess, so what they exercise is what operators run.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiworker.config import Config
+from aiworker.receive.scp import Receiver
+from aiworker.store.completion import CompletionScheduler
+from aiworker.store.db import StateDB
+from aiworker.store.reconcile import reconcile
+from aiworker.store.spool import Spool
+
+log = logging.getLogger("aiworker.node")
+
+
+@dataclass
+class DataPaths:
+    """Where the node keeps its files under ``storage.data_dir``."""
+
+    root: Path
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+
+class Node:
+    """All the node's long-running parts, started and stopped together."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.paths = DataPaths(config.storage.data_dir)
+        self.spool = Spool(self.paths.spool, fsync=config.storage.fsync)
+        self.db = StateDB(self.paths.db)
+        self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
+        self.receiver = Receiver(config, self.spool, self.db)
+
+    def start(self) -> None:
+        report = reconcile(self.spool, self.db, self.paths.quarantine)
+        log.info("reconcile: %s", report)
+        self.scheduler.start()
+        self.receiver.start()
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.scheduler.stop()
+        self.db.close()
+
+
+def serve(config: Config) -> None:
+    """Run the node until SIGINT or SIGTERM."""
+    node = Node(config)
+    node.start()
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    log.info("stopping")
+    node.stop()

@@ -1,0 +1,1 @@
+"""Synthetic MR studies for tests, demos and benchmarks."""

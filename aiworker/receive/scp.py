@@ -1,0 +1,243 @@
+"""The C-ECHO / C-STORE SCP: thin pynetdicom event handlers that hand off to the store.
+
+A C-STORE is answered success (0x0000) only after the instance is in the spool (written,
+fsynced, renamed) and recorded in the state DB. Every other outcome has its own status and
+an Error Comment the sender can show:
+
+========  ===============================================================
+0xA700    out of resources: free disk below ``storage.min_free_mb``, or the disk filled up
+0xC210    the data set cannot be decoded
+0xC211    Study, Series or SOP Instance UID missing or malformed
+0xC212    the data set's SOP Instance UID differs from the command's
+0xC213    the spool write failed (I/O error)
+0xC214    the state DB could not record the instance
+========  ===============================================================
+
+The data set is stored byte for byte as received, in the transfer syntax it was sent in;
+nothing is transcoded on receive.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import threading
+import time
+from collections import Counter
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from aiworker.config import Config
+from aiworker.receive import fastpath
+from aiworker.receive.access import AllowList
+from aiworker.receive.tls import server_context
+from aiworker.store.db import StateDB
+from aiworker.store.records import InstanceRecord
+from aiworker.store.spool import InvalidUID, Spool
+
+log = logging.getLogger("aiworker.receive")
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
+
+OUT_OF_RESOURCES = 0xA700
+CANNOT_DECODE = 0xC210
+BAD_UIDS = 0xC211
+UID_MISMATCH = 0xC212
+WRITE_FAILED = 0xC213
+DB_FAILED = 0xC214
+
+
+class StoreRefused(Exception):
+    """An instance that will not be stored: carries the DIMSE status and the reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Receiver:
+    """The node's DICOM listener; :meth:`start` returns once it is listening."""
+
+    def __init__(self, config: Config, spool: Spool, db: StateDB):
+        self.config = config
+        self.spool = spool
+        self.db = db
+        self.allow = AllowList.from_config(config.node.allowed_callers)
+        self.min_free_bytes = config.storage.min_free_mb * 1024 * 1024
+        self.server: ThreadedAssociationServer | None = None
+        self._stats: WeakKeyDictionary[Any, Counter] = WeakKeyDictionary()
+        self._stats_lock = threading.Lock()
+
+    def build_ae(self) -> AE:
+        node = self.config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.network_timeout = node.network_timeout_s
+        ae.acse_timeout = 30
+        ae.dimse_timeout = node.network_timeout_s
+        ae.require_called_aet = True
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae
+
+    def start(self) -> ThreadedAssociationServer:
+        fastpath.install()
+        node = self.config.node
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+        self.server = self.build_ae().start_server(
+            (node.host, node.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=server_context(node.tls),
+        )
+        scheme = "DICOM TLS" if node.tls.enabled else "DICOM"
+        log.info("listening: %s AE %s on %s:%d", scheme, node.ae_title, node.host, node.port)
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    # --- event handlers ----------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject callers that are not on ``node.allowed_callers``."""
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        address = assoc.requestor.address
+        if self.allow.allows(calling, address):
+            return
+        log.warning(
+            "association rejected: calling AE %r from %s is not in node.allowed_callers",
+            calling, address,
+        )
+        self.db.add_event("association_rejected", calling_ae=calling, address=address,
+                          reason="calling AE/host not in node.allowed_callers")
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            record = self._store(event, calling)
+        except StoreRefused as refused:
+            self._count(event.assoc, f"0x{refused.status:04X}")
+            log.error("C-STORE refused from %s: 0x%04X %s (SOP instance %s)", calling,
+                      refused.status, refused.reason, event.request.AffectedSOPInstanceUID)
+            self.db.add_event("store_failed", sop_uid=str(event.request.AffectedSOPInstanceUID),
+                              status=f"0x{refused.status:04X}", reason=refused.reason,
+                              calling_ae=calling)
+            response = Dataset()
+            response.Status = refused.status
+            response.ErrorComment = refused.reason[:64]
+            return response
+        self._count(event.assoc, "0x0000", record.size)
+        return 0x0000
+
+    def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
+        """Write the instance to the spool and the DB, or raise :class:`StoreRefused`."""
+        encoded = event.encoded_dataset(include_meta=True)
+        if shutil.disk_usage(self.spool.root).free - len(encoded) < self.min_free_bytes:
+            raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
+        try:
+            ds = event.dataset
+            study_uid, series_uid, sop_uid = (
+                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        except AttributeError as exc:
+            raise StoreRefused(BAD_UIDS, f"missing {exc.args[0].split()[-1]}") from exc
+        except Exception as exc:
+            raise StoreRefused(CANNOT_DECODE, f"cannot decode data set: {type(exc).__name__}")\
+                from exc
+        if sop_uid != str(event.request.AffectedSOPInstanceUID):
+            raise StoreRefused(UID_MISMATCH, "SOPInstanceUID differs from the command's")
+        try:
+            path = self.spool.path_for(study_uid, series_uid, sop_uid)
+        except InvalidUID as exc:
+            raise StoreRefused(BAD_UIDS, str(exc)) from exc
+        try:
+            size = self.spool.write(path, [encoded])
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefused(OUT_OF_RESOURCES, "disk full") from exc
+            raise StoreRefused(WRITE_FAILED, f"spool write failed: {exc.strerror}") from exc
+        try:
+            record = InstanceRecord.from_dataset(
+                ds, path=path, size=size, transfer_syntax=str(event.context.transfer_syntax),
+                calling_ae=calling, received_at=time.time())
+            recorded = self.db.record_instance(record)
+        except Exception as exc:
+            raise StoreRefused(DB_FAILED, f"state DB error: {type(exc).__name__}") from exc
+        if recorded.reopened:
+            log.info("late arrival re-opens series %s", series_uid)
+        if recorded.completed:
+            log.info("series complete (expected count reached): %s", series_uid)
+        return record
+
+    def _count(self, assoc: Any, status: str, size: int = 0) -> None:
+        with self._stats_lock:
+            stats = self._stats.setdefault(assoc, Counter())
+            stats[status] += 1
+            stats["bytes"] += size
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._stats_lock:
+            stats = self._stats.pop(event.assoc, Counter())
+        bytes_received = stats.pop("bytes", 0)
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info("association %s: calling AE %s, %d MB, statuses %s", how,
+                 event.assoc.requestor.ae_title.strip(), bytes_received // 1_000_000,
+                 dict(stats) or "{}")

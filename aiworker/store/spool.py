@@ -1,0 +1,102 @@
+"""The spool: every received instance as a file, written so that a crash never leaves half a file.
+
+Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+A file is first written under a temporary name (``.<sop>.<random>.tmp``) in its series
+folder, fsynced, then renamed into place and the folder fsynced, so a ``*.dcm`` name always
+holds a whole file. Readers only ever look at ``*.dcm``; leftovers ``*.tmp`` are removed by
+the start-up reconcile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+TEMP_SUFFIX = ".tmp"
+INSTANCE_SUFFIX = ".dcm"
+
+
+class InvalidUID(ValueError):
+    """A UID that cannot name a spool path (empty, too long, not digits and dots)."""
+
+
+def check_uid(uid: str, what: str) -> str:
+    """Return ``uid`` if it is a well-formed DICOM UID, else raise :class:`InvalidUID`."""
+    if not uid or len(uid) > 64 or not _UID.match(uid):
+        raise InvalidUID(f"{what} is not a valid UID: {uid[:80]!r}")
+    return uid
+
+
+class Spool:
+    """Durable, atomic file storage for received instances."""
+
+    def __init__(self, root: Path, fsync: bool = True):
+        self.root = Path(root)
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The final path of an instance; raises :class:`InvalidUID` for unusable UIDs."""
+        return (
+            self.root
+            / check_uid(study_uid, "StudyInstanceUID")
+            / check_uid(series_uid, "SeriesInstanceUID")
+            / f"{check_uid(sop_uid, 'SOPInstanceUID')}{INSTANCE_SUFFIX}"
+        )
+
+    def write(self, path: Path, chunks: Iterable[bytes]) -> int:
+        """Write ``chunks`` to ``path`` atomically and durably; return the byte count.
+
+        Replaces an existing file of the same name (a resent instance) in one rename.
+        """
+        folder = path.parent
+        self._ensure_dir(folder)
+        temp = folder / f".{path.stem}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        size = 0
+        try:
+            with open(temp, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                    size += len(chunk)
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(folder)
+        return size
+
+    def _ensure_dir(self, folder: Path) -> None:
+        """Create the study/series folders once, fsyncing each parent so they survive a crash."""
+        if folder in self._known_dirs:
+            return
+        missing = [p for p in (folder.parent, folder) if not p.is_dir()]
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            for created in missing:
+                _fsync_dir(created.parent)
+        self._known_dirs.add(folder)
+
+    def instance_files(self) -> Iterator[Path]:
+        """Every complete instance file in the spool."""
+        yield from self.root.glob(f"*/*/*{INSTANCE_SUFFIX}")
+
+    def temporary_files(self) -> Iterator[Path]:
+        """Leftovers of writes that a crash interrupted."""
+        yield from self.root.glob(f"*/*/.*{TEMP_SUFFIX}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
