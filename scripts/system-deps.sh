@@ -1,0 +1,16 @@
+#!/bin/sh
+# Installs the Debian packages the integration tests and benchmarks talk to (dcmtk, Orthanc,
+# dicom3tools) when they are missing and we run as root; otherwise says what will be skipped.
+missing=""
+command -v storescu >/dev/null 2>&1 || missing="$missing dcmtk"
+command -v Orthanc >/dev/null 2>&1 || missing="$missing orthanc"
+command -v dciodvfy >/dev/null 2>&1 || missing="$missing dicom3tools"
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Debian packages:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq $missing >/dev/null || {
+    echo "apt-get failed; integration tests needing$missing will be skipped"; exit 0; }
+else
+  echo "not root (or no apt-get): missing$missing; the integration tests that need them are skipped"
+fi
