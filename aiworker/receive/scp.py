@@ -28,6 +28,7 @@ from collections import Counter
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -46,6 +47,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    UID,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -54,6 +56,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from aiworker.config import Config
 from aiworker.receive import fastpath
 from aiworker.receive.access import AllowList
+from aiworker.receive.dataset import part10_header, read_header
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
 from aiworker.store.records import InstanceRecord
@@ -126,6 +129,9 @@ class Receiver:
 
     def start(self) -> ThreadedAssociationServer:
         fastpath.install()
+        # Headers are only read to index them; checking every value against its VR on each
+        # C-STORE costs more than the rest of the parse and changes nothing we store.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         node = self.config.node
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -190,11 +196,13 @@ class Receiver:
 
     def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
         """Write the instance to the spool and the DB, or raise :class:`StoreRefused`."""
-        encoded = event.encoded_dataset(include_meta=True)
-        if shutil.disk_usage(self.spool.root).free - len(encoded) < self.min_free_bytes:
+        request = event.request
+        data = request.DataSet.getbuffer()
+        if shutil.disk_usage(self.spool.root).free - len(data) < self.min_free_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
+        transfer_syntax = UID(event.context.transfer_syntax)
         try:
-            ds = event.dataset
+            ds = read_header(data, transfer_syntax)
             study_uid, series_uid, sop_uid = (
                 str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         except AttributeError as exc:
@@ -202,21 +210,22 @@ class Receiver:
         except Exception as exc:
             raise StoreRefused(CANNOT_DECODE, f"cannot decode data set: {type(exc).__name__}")\
                 from exc
-        if sop_uid != str(event.request.AffectedSOPInstanceUID):
+        if sop_uid != request.AffectedSOPInstanceUID:
             raise StoreRefused(UID_MISMATCH, "SOPInstanceUID differs from the command's")
         try:
             path = self.spool.path_for(study_uid, series_uid, sop_uid)
         except InvalidUID as exc:
             raise StoreRefused(BAD_UIDS, str(exc)) from exc
+        header = part10_header(request.AffectedSOPClassUID, sop_uid, transfer_syntax)
         try:
-            size = self.spool.write(path, [encoded])
+            size = self.spool.write(path, [header, data])
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreRefused(OUT_OF_RESOURCES, "disk full") from exc
             raise StoreRefused(WRITE_FAILED, f"spool write failed: {exc.strerror}") from exc
         try:
             record = InstanceRecord.from_dataset(
-                ds, path=path, size=size, transfer_syntax=str(event.context.transfer_syntax),
+                ds, path=path, size=size, transfer_syntax=transfer_syntax,
                 calling_ae=calling, received_at=time.time())
             recorded = self.db.record_instance(record)
         except Exception as exc:
