@@ -50,6 +50,7 @@ from pydicom.uid import (
     UID,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -129,6 +130,11 @@ class Receiver:
 
     def start(self) -> ThreadedAssociationServer:
         fastpath.install()
+        # Accept every storage SOP class, private ones too, in the syntax it is sent in; and
+        # skip pynetdicom's per-message logging handlers (they cost ~5 % per image and can
+        # print identifiers).
+        pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE = True
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         # Headers are only read to index them; checking every value against its VR on each
         # C-STORE costs more than the rest of the parse and changes nothing we store.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
