@@ -120,5 +120,6 @@ def _send_batch(batch: list[tuple[Path, str, str]], host: str, port: int, called
 
 def _why_not(assoc: object, host: str, port: int, called_aet: str) -> str:
     if getattr(assoc, "is_rejected", False):
-        return f"{called_aet} at {host}:{port} rejected the association (check AE titles/allow-list)"
+        return (f"{called_aet} at {host}:{port} rejected the association"
+                " (check AE titles and the allow-list)")
     return f"no association with {called_aet} at {host}:{port} (connection refused or timed out)"

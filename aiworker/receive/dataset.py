@@ -60,7 +60,8 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 
 def _element(element: int, vr: bytes, value: bytes) -> bytes:
     if vr == b"OB":  # OB has a 2-byte reserved field and a 4-byte length
-        return struct.pack("<HH", 0x0002, element) + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+        length = b"\x00\x00" + struct.pack("<I", len(value))
+        return struct.pack("<HH", 0x0002, element) + vr + length + value
     return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 

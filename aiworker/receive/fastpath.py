@@ -19,8 +19,9 @@ some 130 system calls and Python loops for one 512x512 image; :func:`install` ha
 into one buffer of the PDU's size instead.
 
 It also sets TCP_NODELAY on every association socket and re-arms Linux TCP_QUICKACK after
-each PDU read and send (sending puts Linux back into delayed-ACK mode): senders that leave Nagle's algorithm on (dcmtk's default) otherwise stall
-~40 ms per C-STORE waiting for our delayed ACK.
+each PDU read and send (sending puts Linux back into delayed-ACK mode): senders that leave
+Nagle's algorithm on (dcmtk's default) otherwise stall ~40 ms per C-STORE waiting for our
+delayed ACK.
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ class StateDB:
 
     def studies(self) -> list[dict[str, Any]]:
         """Every study, newest first, each with its series (in series-number order)."""
-        studies = [dict(r) for r in self._query("SELECT * FROM studies ORDER BY first_received DESC")]
+        rows = self._query("SELECT * FROM studies ORDER BY first_received DESC")
+        studies = [dict(r) for r in rows]
         series = self._query("SELECT * FROM series ORDER BY series_number, first_received")
         by_study: dict[str, list[dict[str, Any]]] = {}
         for row in series:
