@@ -14,7 +14,8 @@ an Error Comment the sender can show:
 ========  ===============================================================
 
 The data set is stored byte for byte as received, in the transfer syntax it was sent in;
-nothing is transcoded on receive.
+nothing is transcoded on receive. It is streamed to disk while it arrives
+(:mod:`aiworker.receive.incoming`); the handler checks it, fsyncs it and renames it into place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -33,7 +35,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -56,8 +57,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from aiworker.config import Config
 from aiworker.receive import fastpath
+from aiworker.receive import incoming as streaming
 from aiworker.receive.access import AllowList
-from aiworker.receive.dataset import part10_header, read_header
+from aiworker.receive.dataset import read_header
+from aiworker.receive.incoming import IncomingFile
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
 from aiworker.store.records import InstanceRecord
@@ -101,6 +104,12 @@ class StoreRefused(Exception):
         self.reason = reason
 
 
+def _write_refusal(error: OSError) -> StoreRefused:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreRefused(OUT_OF_RESOURCES, "disk full")
+    return StoreRefused(WRITE_FAILED, f"spool write failed: {error.strerror}")
+
+
 class Receiver:
     """The node's DICOM listener; :meth:`start` returns once it is listening."""
 
@@ -130,6 +139,7 @@ class Receiver:
 
     def start(self) -> ThreadedAssociationServer:
         fastpath.install()
+        streaming.install(self.spool.incoming, writeback=self.spool.fsync)
         # Accept every storage SOP class, private ones too, in the syntax it is sent in; and
         # skip pynetdicom's per-message logging handlers (they cost ~5 % per image and can
         # print identifiers).
@@ -201,14 +211,19 @@ class Receiver:
         return 0x0000
 
     def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
-        """Write the instance to the spool and the DB, or raise :class:`StoreRefused`."""
+        """Move the streamed instance into the spool and the DB, or raise StoreRefused."""
         request = event.request
-        data = request.DataSet.getbuffer()
-        if shutil.disk_usage(self.spool.root).free - len(data) < self.min_free_bytes:
+        # pynetdicom streamed the data set into this file as it arrived (see incoming.py).
+        incoming: IncomingFile | None = request._dataset_file
+        if incoming is None:
+            raise StoreRefused(CANNOT_DECODE, "C-STORE without a data set")
+        if incoming.error is not None:
+            raise _write_refusal(incoming.error)
+        if shutil.disk_usage(self.spool.root).free < self.min_free_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
-        transfer_syntax = UID(event.context.transfer_syntax)
         try:
-            ds = read_header(data, transfer_syntax)
+            with open(incoming.name, "rb") as fp:
+                ds = read_header(fp)
             study_uid, series_uid, sop_uid = (
                 str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         except AttributeError as exc:
@@ -222,16 +237,16 @@ class Receiver:
             path = self.spool.path_for(study_uid, series_uid, sop_uid)
         except InvalidUID as exc:
             raise StoreRefused(BAD_UIDS, str(exc)) from exc
-        header = part10_header(request.AffectedSOPClassUID, sop_uid, transfer_syntax)
         try:
-            size = self.spool.write(path, [header, data])
+            if self.spool.fsync:
+                incoming.fsync()
+            self.spool.commit(Path(incoming.name), path)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreRefused(OUT_OF_RESOURCES, "disk full") from exc
-            raise StoreRefused(WRITE_FAILED, f"spool write failed: {exc.strerror}") from exc
+            raise _write_refusal(exc) from exc
         try:
             record = InstanceRecord.from_dataset(
-                ds, path=path, size=size, transfer_syntax=transfer_syntax,
+                ds, path=path, size=incoming.size,
+                transfer_syntax=str(event.context.transfer_syntax),
                 calling_ae=calling, received_at=time.time())
             recorded = self.db.record_instance(record)
         except Exception as exc:

@@ -1,10 +1,10 @@
 """The spool: every received instance as a file, written so that a crash never leaves half a file.
 
 Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
-A file is first written under a temporary name (``.<sop>.<random>.tmp``) in its series
-folder, fsynced, then renamed into place and the folder fsynced, so a ``*.dcm`` name always
-holds a whole file. Readers only ever look at ``*.dcm``; leftovers ``*.tmp`` are removed by
-the start-up reconcile.
+A file is first written under a temporary name (``.<random>.tmp``, in ``.incoming/`` or in
+its series folder), fsynced, then renamed into place and the folder fsynced, so a ``*.dcm``
+name always holds a whole file. Readers only ever look at ``*.dcm``; leftover ``*.tmp``
+files are removed by the start-up reconcile.
 """
 
 from __future__ import annotations
@@ -49,14 +49,15 @@ class Spool:
             / f"{check_uid(sop_uid, 'SOPInstanceUID')}{INSTANCE_SUFFIX}"
         )
 
-    def write(self, path: Path, chunks: Iterable[bytes]) -> int:
-        """Write ``chunks`` to ``path`` atomically and durably; return the byte count.
+    @property
+    def incoming(self) -> Path:
+        """Where instances are written while they arrive (same file system as the spool)."""
+        return self.root / ".incoming"
 
-        Replaces an existing file of the same name (a resent instance) in one rename.
-        """
-        folder = path.parent
-        self._ensure_dir(folder)
-        temp = folder / f".{path.stem}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    def write(self, path: Path, chunks: Iterable[bytes]) -> int:
+        """Write ``chunks`` to ``path`` atomically and durably; return the byte count."""
+        self.incoming.mkdir(exist_ok=True)
+        temp = self.incoming / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
         size = 0
         try:
             with open(temp, "wb") as handle:
@@ -66,13 +67,22 @@ class Spool:
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
-            os.replace(temp, path)
+            self.commit(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        return size
+
+    def commit(self, temp: Path, path: Path) -> None:
+        """Rename a complete (and, with fsync on, fsynced) temporary file to ``path``.
+
+        Replaces an existing file of the same name (a resent instance) in one rename.
+        """
+        folder = path.parent
+        self._ensure_dir(folder)
+        os.replace(temp, path)
         if self.fsync:
             _fsync_dir(folder)
-        return size
 
     def _ensure_dir(self, folder: Path) -> None:
         """Create the study/series folders once, fsyncing each parent so they survive a crash."""
@@ -91,6 +101,7 @@ class Spool:
 
     def temporary_files(self) -> Iterator[Path]:
         """Leftovers of writes that a crash interrupted."""
+        yield from self.incoming.glob(f".*{TEMP_SUFFIX}")
         yield from self.root.glob(f"*/*/.*{TEMP_SUFFIX}")
 
 
