@@ -11,7 +11,9 @@ come in, instead of collecting it in memory; it opens that file through
 * starts the kernel's write-back after every fragment (Linux ``sync_file_range``), so the
   disk works while the rest of the instance is still arriving and the final fsync is short;
 * never raises on a write error (a full disk): it remembers the error and drops the rest,
-  so the handler can answer 0xA700 or 0xC213 instead of the association being aborted.
+  so the handler can answer 0xA700 or 0xC213 instead of the association being aborted;
+* keeps the first :data:`HEAD_BYTES` it was given, so the handler reads the header from
+  memory instead of reading the file back.
 
 Memory stays flat however large the instances are: none is held whole in memory.
 """
@@ -29,6 +31,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom import dimse_messages
 
 SYNC_FILE_RANGE_WRITE = 2
+HEAD_BYTES = 64 * 1024
 
 
 def _load_sync_file_range() -> Any:
@@ -65,8 +68,11 @@ class IncomingFile:
         self.file = _Flusher(self)
         self.error: OSError | None = None
         self.size = 0
+        self.head = bytearray()
 
     def write(self, data: bytes) -> None:
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
         if self.error is not None:
             return
         try:
@@ -94,10 +100,6 @@ class IncomingFile:
 
     def close(self) -> None:
         self._handle.close()
-
-    def discard(self) -> None:
-        self.close()
-        Path(self.name).unlink(missing_ok=True)
 
 
 def install(folder: Path, writeback: bool) -> None:

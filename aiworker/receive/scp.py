@@ -104,6 +104,10 @@ class StoreRefused(Exception):
         self.reason = reason
 
 
+def _accept_uid(_uid: object) -> tuple[bool, str]:
+    return True, ""
+
+
 def _write_refusal(error: OSError) -> StoreRefused:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreRefused(OUT_OF_RESOURCES, "disk full")
@@ -140,11 +144,13 @@ class Receiver:
     def start(self) -> ThreadedAssociationServer:
         fastpath.install()
         streaming.install(self.spool.incoming, writeback=self.spool.fsync)
-        # Accept every storage SOP class, private ones too, in the syntax it is sent in; and
-        # skip pynetdicom's per-message logging handlers (they cost ~5 % per image and can
-        # print identifiers).
+        # Accept every storage SOP class, private ones too, in the syntax it is sent in; skip
+        # pynetdicom's per-message logging handlers (they cost ~5 % per image and can print
+        # identifiers) and its regex check of every UID in every DIMSE message (the spool
+        # checks the three UIDs it uses as path names).
         pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE = True
         pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+        pynetdicom_config.VALIDATORS["UI"] = _accept_uid
         # Headers are only read to index them; checking every value against its VR on each
         # C-STORE costs more than the rest of the parse and changes nothing we store.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -222,8 +228,7 @@ class Receiver:
         if shutil.disk_usage(self.spool.root).free < self.min_free_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
         try:
-            with open(incoming.name, "rb") as fp:
-                ds = read_header(fp)
+            ds = read_header(bytes(incoming.head), Path(incoming.name))
             study_uid, series_uid, sop_uid = (
                 str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         except AttributeError as exc:
