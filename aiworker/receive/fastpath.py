@@ -18,6 +18,11 @@ pynetdicom also reads each PDU from the socket in 4 KiB pieces (``AssociationSoc
 some 130 system calls and Python loops for one 512x512 image; :func:`install` has it read
 into one buffer of the PDU's size instead.
 
+Each DIMSE message's command set is encoded by pydicom's general writer twice (once to
+learn the group length, once to send), a quarter of a millisecond each; command sets hold
+a dozen plain elements, so :func:`encode_command_set` encodes them directly (falling back to
+pydicom for anything else).
+
 It also sets TCP_NODELAY on every association socket and re-arms Linux TCP_QUICKACK after
 each PDU read and send (sending puts Linux back into delayed-ACK mode): senders that leave
 Nagle's algorithm on (dcmtk's default) otherwise stall ~40 ms per C-STORE waiting for our
@@ -30,11 +35,16 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any
 
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import association as _association
+from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom import dsutils as _dsutils
 from pynetdicom import dul as _dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -144,6 +154,47 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
+_INTEGER_FORMATS = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<i"}
+_TEXT_PADDING = {"UI": b"\x00", "AE": b" ", "LO": b" ", "SH": b" ", "CS": b" ", "ST": b" "}
+
+
+def encode_command_set(ds: Dataset) -> bytes | None:
+    """A DIMSE command set in implicit VR little endian (PS3.7 6.3.1), or None if ``ds`` has
+    anything but group 0000 elements of the simple VRs command sets use."""
+    parts = []
+    for element in ds:
+        tag, vr, value = element.tag, element.VR, element.value
+        if tag >> 16 != 0:
+            return None
+        values = [] if value is None or value == "" else (
+            list(value) if isinstance(value, MultiValue | list) else [value])
+        if vr in _INTEGER_FORMATS:
+            data = b"".join(struct.pack(_INTEGER_FORMATS[vr], v) for v in values)
+        elif vr in _TEXT_PADDING:
+            data = "\\".join(str(v) for v in values).encode("ascii")
+            if len(data) % 2:
+                data += _TEXT_PADDING[vr]
+        elif vr == "AT":
+            data = b"".join(struct.pack("<HH", v >> 16, v & 0xFFFF) for v in values)
+        else:
+            return None
+        parts.append(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(data)) + data)
+    return b"".join(parts)
+
+
+def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
+            deflated: bool = False) -> bytes | None:
+    """pynetdicom's ``dsutils.encode``, with the direct path for command sets."""
+    if is_implicit_vr and is_little_endian and not deflated:
+        try:
+            encoded = encode_command_set(ds)
+        except (TypeError, ValueError, UnicodeEncodeError, struct.error):
+            encoded = None
+        if encoded is not None:
+            return encoded
+    return _dsutils.encode(ds, is_implicit_vr, is_little_endian, deflated)
+
+
 class _ReactorTime:
     """Stands in for the ``time`` module inside pynetdicom's ``dul`` and ``association``.
 
@@ -177,4 +228,5 @@ def install() -> None:
     _association.time = _ReactorTime()  # type: ignore[assignment]
     _dul.time = _ReactorTime()  # type: ignore[assignment]
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    _dimse_messages.encode = _encode  # type: ignore[assignment]
     _installed = True
