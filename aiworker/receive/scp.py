@@ -60,7 +60,7 @@ from aiworker.receive.access import AllowList
 from aiworker.receive.dataset import part10_header, read_header
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
-from aiworker.store.records import InstanceRecord
+from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
 from aiworker.store.spool import InvalidUID, Spool
 
 log = logging.getLogger("aiworker.receive")
@@ -215,10 +215,9 @@ class Receiver:
         transfer_syntax = UID(event.context.transfer_syntax)
         try:
             ds = read_header(data, transfer_syntax)
-            study_uid, series_uid, sop_uid = (
-                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-        except AttributeError as exc:
-            raise StoreRefused(BAD_UIDS, f"missing {exc.args[0].split()[-1]}") from exc
+            study_uid, series_uid, sop_uid = instance_uids(ds)
+        except MissingUID as exc:
+            raise StoreRefused(BAD_UIDS, str(exc)) from exc
         except Exception as exc:
             raise StoreRefused(CANNOT_DECODE, f"cannot decode data set: {type(exc).__name__}")\
                 from exc

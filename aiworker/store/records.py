@@ -48,38 +48,74 @@ class InstanceRecord:
         calling_ae: str,
         received_at: float,
     ) -> InstanceRecord:
-        """Build the record from a decoded header (pixel data is never touched)."""
-        frames = _int(ds.get("NumberOfFrames")) or 1
-        images_in_acquisition = _int(ds.get("ImagesInAcquisition"))
+        """Build the record from a parsed header (pixel data is never touched).
+
+        UIDs, codes, dates and numbers are ASCII by definition and are read from the raw
+        element bytes; only the text that may use the Specific Character Set goes through
+        pydicom's conversion.
+        """
+        frames = _int(_ascii(ds, 0x0028_0008)) or 1  # Number of Frames
+        images_in_acquisition = _int(_ascii(ds, 0x0020_1002))
         expected = images_in_acquisition or (frames if frames > 1 else None)
         return cls(
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
+            study_uid=_ascii(ds, 0x0020_000D),
+            series_uid=_ascii(ds, 0x0020_000E),
+            sop_uid=_ascii(ds, 0x0008_0018),
+            sop_class_uid=_ascii(ds, 0x0008_0016),
             transfer_syntax=transfer_syntax,
             path=path,
             size=size,
             frames=frames,
             expected_frames=expected,
-            modality=str(ds.get("Modality", "") or ""),
-            series_number=_int(ds.get("SeriesNumber")),
-            series_description=str(ds.get("SeriesDescription", "") or ""),
-            study_description=str(ds.get("StudyDescription", "") or ""),
-            study_date=str(ds.get("StudyDate", "") or ""),
-            accession_number=str(ds.get("AccessionNumber", "") or ""),
-            patient_id=str(ds.get("PatientID", "") or ""),
-            patient_name=str(ds.get("PatientName", "") or ""),
+            modality=_ascii(ds, 0x0008_0060),
+            series_number=_int(_ascii(ds, 0x0020_0011)),
+            series_description=_text(ds, "SeriesDescription"),
+            study_description=_text(ds, "StudyDescription"),
+            study_date=_ascii(ds, 0x0008_0020),
+            accession_number=_text(ds, "AccessionNumber"),
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
             calling_ae=calling_ae,
             received_at=received_at,
         )
 
 
-def _int(value: object) -> int | None:
-    """An IS/US value as int, or None when absent or not a number."""
-    if value is None or value == "":
-        return None
+class MissingUID(ValueError):
+    """A header without one of the UIDs that name an instance's place in the spool."""
+
+
+def instance_uids(ds: Dataset) -> tuple[str, str, str]:
+    """Study, Series and SOP Instance UID; raises :class:`MissingUID` naming one absent."""
+    uids = []
+    for tag, name in ((0x0020_000D, "StudyInstanceUID"), (0x0020_000E, "SeriesInstanceUID"),
+                      (0x0008_0018, "SOPInstanceUID")):
+        uid = _ascii(ds, tag)
+        if not uid:
+            raise MissingUID(f"missing {name}")
+        uids.append(uid)
+    return uids[0], uids[1], uids[2]
+
+
+def _ascii(ds: Dataset, tag: int) -> str:
+    """An element of an ASCII-only VR (UI, CS, DA, IS) as text, without converting it."""
+    element = ds.get_item(tag)
+    if element is None or element.value is None:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip("\x00 ")
+    return str(value)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A text element decoded with the data set's Specific Character Set ("" if absent)."""
+    value = ds.get(keyword)
+    return "" if value is None else str(value)
+
+
+def _int(text: str) -> int | None:
+    """An IS value as int, or None when absent or not a number."""
     try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+        return int(text)
+    except ValueError:
         return None
