@@ -104,22 +104,25 @@ def send(path: Path, host: str, port: int, aet: AETOption = "AIWORKER",
 
 @app.command()
 def status(config: ConfigOption = DEFAULT_CONFIG,
-           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+           problems: Annotated[int, typer.Option(help="How many recent problems to list.")] = 10,
            ) -> None:
-    """List received studies and their series with instance counts and state."""
+    """List received studies (series, instance counts, state) and recent problems."""
     from aiworker.node import DataPaths
-    from aiworker.store.db import StateDB
+    from aiworker.store.db import PROBLEM_EVENTS, StateDB
 
     cfg = _config(config)
     db_path = DataPaths(cfg.storage.data_dir).db
-    studies = StateDB(db_path).studies() if db_path.exists() else []
-    report = {"studies": [_study_json(s) for s in studies]}
+    db = StateDB(db_path) if db_path.exists() else None
+    studies = db.studies() if db else []
+    recent = db.events(PROBLEM_EVENTS, limit=problems) if db else []
+    report = {"studies": [_study_json(s) for s in studies],
+              "problems": [_problem_json(e) for e in recent]}
     if as_json:
         print(json.dumps(report, indent=2))
         return
     if not studies:
         console.print(f"no studies received yet (state DB: {db_path})")
-        return
     for study in report["studies"]:
         table = Table(title=f"study {study['study_uid']}  [{study['state']}]", title_justify="left")
         for column in ("#", "modality", "description", "instances", "state", "closed by"):
@@ -128,6 +131,30 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
             table.add_row(str(s["series_number"] or ""), s["modality"], s["description"],
                           str(s["instances"]), s["state"], s["closed_by"] or "")
         console.print(table)
+    if report["problems"]:
+        table = Table(title="recent problems (newest first)", title_justify="left")
+        for column in ("when", "what", "from", "status", "why"):
+            table.add_column(column)
+        for p in report["problems"]:
+            table.add_row(p["at"], p["kind"], p["calling_ae"] or "", p["status"] or "",
+                          p["reason"] or "")
+        console.print(table)
+
+
+def _problem_json(event: dict[str, Any]) -> dict[str, Any]:
+    """The stable ``status --json`` shape of one problem event (documented in the README)."""
+    detail = event["detail"]
+    return {
+        "at": _when(event["at"]),
+        "kind": event["kind"],
+        "calling_ae": detail.get("calling_ae"),
+        "status": detail.get("status"),
+        "reason": detail.get("reason"),
+        "study_uid": event["study_uid"],
+        "series_uid": event["series_uid"],
+        "sop_uid": event["sop_uid"],
+        "detail": detail,
+    }
 
 
 def _when(epoch: float | None) -> str | None:

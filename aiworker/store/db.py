@@ -87,6 +87,10 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind);
 """
 
+# Events an operator must see: something was refused, lost or repaired.
+PROBLEM_EVENTS = ("store_failed", "association_rejected", "instance_missing", "quarantined",
+                  "reconcile")
+
 RECEIVING = "receiving"
 COMPLETE = "complete"
 STORED = "stored"
@@ -250,12 +254,12 @@ class StateDB:
                            (series_uid,))
         return [dict(r) for r in rows]
 
-    def events(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def events(self, kinds: tuple[str, ...] = (), limit: int = 100) -> list[dict[str, Any]]:
+        """The newest events first, optionally only those of the given kinds."""
         sql = "SELECT * FROM events"
-        params: tuple = ()
-        if kind:
-            sql, params = sql + " WHERE kind = ?", (kind,)
-        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        if kinds:
+            sql += f" WHERE kind IN ({', '.join('?' * len(kinds))})"
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*kinds, limit))
         return [dict(r, detail=json.loads(r["detail"] or "{}")) for r in rows]
 
 
