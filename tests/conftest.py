@@ -1,0 +1,253 @@
+"""Fixtures: synthetic studies, the node as a real subprocess, TLS certificates, Orthanc.
+
+Every test that talks to the node gets its own process, port and data dir under its
+``tmp_path``; the node's stderr (its log) is kept in ``tmp_path/<name>.log`` so tests can
+assert on log lines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    DCMTK_MISSING,
+    HAVE_DCMTK,
+    ORTHANC,
+    ORTHANC_MISSING,
+    STARTUP_TIMEOUT_S,
+    NodeProcess,
+    Study,
+    free_port,
+    node_config,
+)
+
+from aiworker.phantom.simple import SeriesSpec, write_study
+
+PLANES = ("sagittal", "coronal", "axial")
+_seeds = itertools.count(101)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, with the reason, tests marked ``dcmtk`` or ``orthanc`` when the tool is missing."""
+    for item in items:
+        if "dcmtk" in item.keywords and not HAVE_DCMTK:
+            item.add_marker(pytest.mark.skip(reason=DCMTK_MISSING))
+        if "orthanc" in item.keywords and ORTHANC is None:
+            item.add_marker(pytest.mark.skip(reason=ORTHANC_MISSING))
+
+
+# --- studies -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_study(tmp_path: Path) -> Callable[..., Study]:
+    """``make_study(name, series=3, slices=5, size=64, seed=None, ...)`` writes a phantom study.
+
+    Each call gets a fresh seed unless one is given, so two studies in one test never share
+    UIDs.
+    """
+
+    def make(name: str = "study", series: int = 3, slices: int = 5, size: int = 64,
+             seed: int | None = None, patient_name: str = "PHANTOM^KNEE",
+             images_in_acquisition: bool = True) -> Study:
+        seed = next(_seeds) if seed is None else seed
+        specs = tuple(
+            SeriesSpec(PLANES[i % 3], slices, size, size, f"{PLANES[i % 3].upper()} {i + 1}")
+            for i in range(series)
+        )
+        root = tmp_path / name
+        files = write_study(root, specs, seed=seed, patient_name=patient_name,
+                            images_in_acquisition=images_in_acquisition)
+        return Study(root=root, files=files, seed=seed, patient_name=patient_name)
+
+    return make
+
+
+# --- the node ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """``node_factory(name="node", env=None, start=True, **config_overrides)``.
+
+    Overrides are merged into the config section by section, e.g.
+    ``node_factory(node={"allowed_callers": [{"ae_title": "GOODSCU"}]})``. The config starts
+    from config/aiworker.yaml with node.host 127.0.0.1, a free node.port, storage.data_dir
+    under tmp_path, storage.min_free_mb 1 and completion.series_stable_seconds 1.0.
+    """
+    nodes: list[NodeProcess] = []
+
+    def make(name: str = "node", env: dict[str, str] | None = None, start: bool = True,
+             **overrides: Any) -> NodeProcess:
+        node = NodeProcess(tmp_path, name, node_config(tmp_path, name, overrides), env)
+        nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    yield make
+    for node in nodes:
+        node.close()
+
+
+@pytest.fixture
+def node(node_factory: Callable[..., NodeProcess]) -> NodeProcess:
+    """A running node with the test defaults."""
+    return node_factory()
+
+
+# --- TLS material ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PKI:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca_cert: Path
+    other_client_cert: Path
+    other_client_key: Path
+
+
+_EXTENSIONS = """\
+[server]
+basicConstraints = CA:FALSE
+keyUsage = digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+[client]
+basicConstraints = CA:FALSE
+keyUsage = digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+"""
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, f"openssl {' '.join(map(str, args))}: {proc.stderr}"
+
+
+def _make_ca(folder: Path, name: str) -> tuple[Path, Path]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+             "-days", "2", "-subj", f"/CN=aiworker test {name}", cwd=folder)
+    return key, cert
+
+
+def _make_leaf(folder: Path, name: str, cn: str, ca: tuple[Path, Path], ext: str
+               ) -> tuple[Path, Path]:
+    key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.crt"
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+             "-subj", f"/CN={cn}", cwd=folder)
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", folder / "ext.cnf", "-extensions", ext,
+             cwd=folder)
+    return key, cert
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A CA, a server cert for 127.0.0.1/localhost and a client cert, made with openssl;
+    plus a second, untrusted CA with its own client cert."""
+    folder = tmp_path_factory.mktemp("pki")
+    (folder / "ext.cnf").write_text(_EXTENSIONS)
+    ca = _make_ca(folder, "ca")
+    server = _make_leaf(folder, "server", "127.0.0.1", ca, "server")
+    client = _make_leaf(folder, "client", "GOODSCU", ca, "client")
+    other_ca = _make_ca(folder, "other-ca")
+    other_client = _make_leaf(folder, "other-client", "MALLORY", other_ca, "client")
+    return PKI(ca_cert=ca[1], server_cert=server[1], server_key=server[0],
+               client_cert=client[1], client_key=client[0], other_ca_cert=other_ca[1],
+               other_client_cert=other_client[1], other_client_key=other_client[0])
+
+
+# --- Orthanc -----------------------------------------------------------------------------
+
+
+class OrthancProcess:
+    """Debian's Orthanc on free loopback ports, configured to know the node as ``aiworker``."""
+
+    def __init__(self, workdir: Path, modalities: dict[str, list[Any]]):
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        storage = workdir / "orthanc-db"
+        self.config_path = workdir / "orthanc.json"
+        self.log_path = workdir / "orthanc.log"
+        self.config_path.write_text(json.dumps({
+            "Name": "aiworker-test",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": "ORTHANC",
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": modalities,
+            "Plugins": [],
+        }, indent=2))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(ORTHANC), str(self.config_path)], cwd=workdir,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + max(STARTUP_TIMEOUT_S, 30)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {self.log_path.read_text()}")
+            try:
+                if self.get("/system")["DicomAet"] == "ORTHANC":
+                    break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {self.log_path.read_text()}")
+            time.sleep(0.1)
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
+        data = None if body is None else (body if isinstance(body, bytes)
+                                          else json.dumps(body).encode())
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
+                                     method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload = resp.read()
+        return json.loads(payload) if payload else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path, timeout=5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancProcess]]:
+    """``orthanc_factory(modalities)`` starts Orthanc; it is stopped at teardown."""
+    if ORTHANC is None:
+        pytest.skip(ORTHANC_MISSING)
+    started: list[OrthancProcess] = []
+
+    def make(modalities: dict[str, list[Any]]) -> OrthancProcess:
+        server = OrthancProcess(tmp_path, modalities)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
