@@ -34,8 +34,8 @@ def _config(path: Path) -> Config:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        for line in exc.problems:
-            err.print(f"config error: {line}", markup=False, highlight=False)
+        for line in exc.problems:  # plain print: one line per problem, never wrapped
+            print(f"config error: {line}", file=sys.stderr)
         raise typer.Exit(2) from exc
     logs.setup(config.logging.level, config.logging.json_lines)
     return config

@@ -140,18 +140,6 @@ class Config(_Section):
     inference: Inference = Inference()
     logging: Logging = Logging()
 
-    @model_validator(mode="after")
-    def _pipelines_name_known_destinations(self) -> Config:
-        for pipeline in self.pipelines:
-            for name in pipeline.send_to:
-                if name not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none defined"
-                    raise ValueError(
-                        f"pipeline {pipeline.name!r} sends to unknown destination {name!r} "
-                        f"(destinations: {known})"
-                    )
-        return self
-
 
 class ConfigError(Exception):
     """A configuration that cannot be used; ``str()`` has one line per problem."""
@@ -174,10 +162,32 @@ def load_config(path: Path | str = DEFAULT_CONFIG, environ: dict[str, str] | Non
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections"])
     sources = _apply_env_overrides(raw, environ)
+    problems = [_line(path, sources, loc, message, value)
+                for loc, message, value in _unknown_destinations(raw)]
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, sources)) from exc
+        raise ConfigError(_describe(exc, path, sources) + problems) from exc
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _unknown_destinations(raw: dict[str, Any]) -> list[tuple[tuple, str, Any]]:
+    """Pipelines that send to a destination the file does not define (checked on the raw
+    mapping, so it is reported together with every other problem)."""
+    destinations = raw.get("destinations")
+    known = sorted(destinations) if isinstance(destinations, dict) else []
+    pipelines = raw.get("pipelines")
+    found = []
+    for i, pipeline in enumerate(pipelines if isinstance(pipelines, list) else []):
+        send_to = pipeline.get("send_to") if isinstance(pipeline, dict) else None
+        for j, name in enumerate(send_to if isinstance(send_to, list) else []):
+            if name not in known:
+                allowed = ", ".join(known) or "none defined"
+                found.append((("pipelines", str(i), "send_to", str(j)),
+                              f"unknown destination (destinations: {allowed})", name))
+    return found
 
 
 def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[tuple, str]:
@@ -201,20 +211,31 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[t
 
 
 def _describe(exc: ValidationError, path: Path, sources: dict[tuple, str]) -> list[str]:
-    """One line per problem: source, dotted key, the bad value, what is allowed."""
+    """One line per pydantic problem."""
     lines = []
     for error in exc.errors():
         loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-"))
         loc = tuple(part for part in loc if part not in ("dicom", "hl7"))
-        origin = next(
-            (f"{var} (environment)" for keys, var in sources.items() if loc[: len(keys)] == keys),
-            str(path),
-        )
-        key = ".".join(loc) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         value = error.get("input")
-        shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" (got {value!r})"
-        lines.append(f"{origin}: {key}: {message}{shown}")
+        if isinstance(value, dict) or error["type"] == "missing":
+            value = _NOT_SHOWN
+        lines.append(_line(path, sources, loc, message, value))
     return lines
+
+
+_NOT_SHOWN = object()
+
+
+def _line(path: Path, sources: dict[tuple, str], loc: tuple, message: str, value: Any) -> str:
+    """``source: dotted.key: message (got value)``. The source is the environment variable
+    that set the key, or one below it, else the file."""
+    origin = next(
+        (f"{var} (environment)" for keys, var in sources.items()
+         if loc[: len(keys)] == keys or (loc and keys[: len(loc)] == loc)),
+        str(path),
+    )
+    shown = "" if value is _NOT_SHOWN else f" (got {value!r})"
+    return f"{origin}: {'.'.join(loc) or '(top level)'}: {message}{shown}"

@@ -22,11 +22,12 @@ STUDY = "1.2.3.4"
 
 def record(series: str, sop: str, *, at: float, study: str = STUDY,
            expected: int | None = None, path: Path | None = None, frames: int = 1,
-           size: int = 100) -> InstanceRecord:
+           size: int = 100, acquisition: int | None = 1) -> InstanceRecord:
     return InstanceRecord(
         study_uid=study, series_uid=series, sop_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
         transfer_syntax="1.2.840.10008.1.2.1", path=path or Path(f"/spool/{sop}.dcm"),
-        size=size, frames=frames, expected_frames=expected, modality="MR", series_number=1,
+        size=size, frames=frames, expected_frames=expected, acquisition_number=acquisition,
+        modality="MR", series_number=1,
         series_description="PD FS SAG", study_description="MR KNEE", study_date="20260101",
         accession_number="ACC1", patient_id="PID1", patient_name="DOE^JANE",
         calling_ae="MRI1", received_at=at,
@@ -149,6 +150,26 @@ def test_expected_count_closes_series(db: StateDB) -> None:
     assert event["detail"]["instances"] == 3
     # the study is not complete until it has been idle (another series may still come)
     assert study_row(db)["state"] == "receiving"
+
+
+def test_second_acquisition_hands_the_series_to_the_idle_timer(db: StateDB) -> None:
+    """ImagesInAcquisition counts one acquisition: after an early close, an image of a second
+    acquisition re-opens the series, and only the idle timer may close it again."""
+    for i in range(2):
+        db.record_instance(record("1.1", f"1.1.{i}", at=100.0 + i, expected=2, acquisition=1))
+    assert series_row(db, "1.1")["closed_by"] == "expected_count"
+
+    results = [db.record_instance(record("1.1", f"1.1.{i}", at=100.0 + i, expected=2,
+                                         acquisition=2)) for i in range(2, 4)]
+    assert results[0].reopened
+    assert not any(r.completed for r in results)
+    assert series_row(db, "1.1")["state"] == "receiving"
+    assert len(events(db, "late_arrival")) == 1
+
+    assert db.complete_idle(now=200.0, stable_seconds=10) == ["1.1"]
+    series = series_row(db, "1.1")
+    assert (series["state"], series["closed_by"], series["instance_count"]) == (
+        "complete", "idle_timer", 4)
 
 
 def test_multiframe_instance_completes_by_its_frame_count(db: StateDB) -> None:

@@ -4,39 +4,57 @@ A C-STORE brings a data set (often half a megabyte of pixels) in the negotiated 
 syntax. The node stores it byte for byte, so it never decodes the pixels; it needs only
 
 * the Part 10 file header to write in front of the data set (:func:`part10_header`), and
-* a handful of header attributes for the state DB (:func:`read_header`), read by stopping
-  pydicom's parser at the last group the node uses, well before Pixel Data.
+* a handful of header attributes for the state DB, and the assurance that the data set is
+  whole (:func:`read_header`): pydicom walks every element but skips over large values
+  (Pixel Data) without copying them, and the walk must end exactly at the last byte.
 """
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 import zlib
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittleEndian
 
 from aiworker import __version__
 
-LAST_TAG_NEEDED = 0x0028_0008  # Number of Frames
 IMPLEMENTATION_VERSION = f"AIWORKER_{__version__}"[:16]
+SKIP_VALUES_LONGER_THAN = 256  # bytes; such values are stepped over, never read
 
 
-def read_header(data: bytes | memoryview, transfer_syntax: UID) -> Dataset:
-    """Parse the data set's elements up to (0028,0008); values are converted on access."""
+class IncompleteDataSet(ValueError):
+    """The bytes received do not form a whole data set (truncated, or not DICOM at all)."""
+
+
+def read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
+    """Walk the data set in ``stream`` from its start; values are converted on access.
+
+    Raises :class:`IncompleteDataSet` when the elements do not end exactly where the
+    data ends.
+    """
+    stream.seek(0, io.SEEK_END)
+    length = stream.tell()
+    stream.seek(0)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
-    fp = DicomBytesIO(bytes(data) if isinstance(data, memoryview) else data)
-    fp.is_little_endian = transfer_syntax.is_little_endian
-    fp.is_implicit_VR = transfer_syntax.is_implicit_VR
-    return read_dataset(
-        fp,
-        transfer_syntax.is_implicit_VR,
-        transfer_syntax.is_little_endian,
-        stop_when=lambda tag, _vr, _length: tag > LAST_TAG_NEEDED,
-    )
+        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.read())
+        stream, length = io.BytesIO(inflated), len(inflated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # garbage makes pydicom warn; we raise below
+        ds = read_dataset(
+            stream,
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            defer_size=SKIP_VALUES_LONGER_THAN,
+        )
+    if stream.tell() != length:
+        raise IncompleteDataSet(
+            f"data set elements end at byte {stream.tell()} of {length} received")
+    return ds
 
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -57,7 +59,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from aiworker.config import Config
 from aiworker.receive import fastpath
 from aiworker.receive.access import AllowList
-from aiworker.receive.dataset import part10_header, read_header
+from aiworker.receive.dataset import IncompleteDataSet, part10_header, read_header
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
 from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
@@ -101,8 +103,44 @@ class StoreRefused(Exception):
         self.reason = reason
 
 
+def _why_undecodable(exc: Exception) -> str:
+    if isinstance(exc, IncompleteDataSet):
+        return "data set truncated or not DICOM"
+    return f"cannot decode data set: {type(exc).__name__}"
+
+
 def _accept_uid(_uid: object) -> tuple[bool, str]:
     return True, ""
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop.
+
+    pynetdicom wraps each accepted socket in TLS (and so handshakes) in the thread that
+    accepts connections: one caller that connects and stays silent would stop every other.
+    Here the accept loop only wraps the socket; the handshake runs in the connection's own
+    thread, bounded by the ACSE timeout.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.ae.acse_timeout)
+                request.do_handshake()
+                request.settimeout(self.ae.network_timeout)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0],
+                            getattr(exc, "reason", None) or type(exc).__name__)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 class Receiver:
@@ -152,12 +190,16 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        self.server = self.build_ae().start_server(
+        ae = self.build_ae()
+        self.server = ae.make_server(
             (node.host, node.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=server_context(node.tls),
+            server_class=_Server,
         )
+        ae._servers.append(self.server)  # as AE.start_server does; server.shutdown() expects it
+        threading.Thread(target=self.server.serve_forever, name="dicom-accept",
+                         daemon=True).start()
         scheme = "DICOM TLS" if node.tls.enabled else "DICOM"
         log.info("listening: %s AE %s on %s:%d", scheme, node.ae_title, node.host, node.port)
         return self.server
@@ -183,6 +225,9 @@ class Receiver:
         self.db.add_event("association_rejected", calling_ae=calling, address=address,
                           reason="calling AE/host not in node.allowed_callers")
         assoc.acse.send_reject(0x01, 0x01, 0x03)
+        # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out
+        # before the connection is closed.
+        assoc.kill()
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
@@ -214,13 +259,13 @@ class Receiver:
             raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
         transfer_syntax = UID(event.context.transfer_syntax)
         try:
-            ds = read_header(data, transfer_syntax)
+            ds = read_header(request.DataSet, transfer_syntax)
+        except Exception as exc:
+            raise StoreRefused(CANNOT_DECODE, _why_undecodable(exc)) from exc
+        try:
             study_uid, series_uid, sop_uid = instance_uids(ds)
         except MissingUID as exc:
             raise StoreRefused(BAD_UIDS, str(exc)) from exc
-        except Exception as exc:
-            raise StoreRefused(CANNOT_DECODE, f"cannot decode data set: {type(exc).__name__}")\
-                from exc
         if sop_uid != request.AffectedSOPInstanceUID:
             raise StoreRefused(UID_MISMATCH, "SOPInstanceUID differs from the command's")
         try:

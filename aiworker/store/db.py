@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS instances (
     path            TEXT NOT NULL,
     size            INTEGER NOT NULL,
     frames          INTEGER NOT NULL,
+    acquisition_number INTEGER,
     calling_ae      TEXT,
     received_at     REAL NOT NULL,
     state           TEXT NOT NULL
@@ -167,9 +168,7 @@ class StateDB:
             if reopened:
                 _event(cur, "late_arrival", rec.study_uid, rec.series_uid, rec.sop_uid,
                        calling_ae=rec.calling_ae)
-            expected = cur.execute(
-                "SELECT expected_frames FROM series WHERE series_uid = ?", (rec.series_uid,)
-            ).fetchone()["expected_frames"]
+            expected = _expected_frames(cur, rec.series_uid)
             completed = expected is not None and frames >= expected
             if completed:
                 _complete_series(cur, rec.series_uid, rec.study_uid, rec.received_at,
@@ -292,15 +291,17 @@ def _upsert_series(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
 def _upsert_instance(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
     cur.execute(
         "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax,"
-        " path, size, frames, calling_ae, received_at, state)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " path, size, frames, acquisition_number, calling_ae, received_at, state)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (sop_uid) DO UPDATE SET series_uid = excluded.series_uid,"
         " study_uid = excluded.study_uid, sop_class_uid = excluded.sop_class_uid,"
         " transfer_syntax = excluded.transfer_syntax, path = excluded.path,"
-        " size = excluded.size, frames = excluded.frames, calling_ae = excluded.calling_ae,"
+        " size = excluded.size, frames = excluded.frames,"
+        " acquisition_number = excluded.acquisition_number, calling_ae = excluded.calling_ae,"
         " received_at = excluded.received_at, state = excluded.state",
         (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
-         str(rec.path), rec.size, rec.frames, rec.calling_ae, rec.received_at, STORED),
+         str(rec.path), rec.size, rec.frames, rec.acquisition_number, rec.calling_ae,
+         rec.received_at, STORED),
     )
 
 
@@ -316,6 +317,21 @@ def _recount(cur: sqlite3.Cursor, series_uid: str) -> tuple[int, int]:
         (count, frames, size, series_uid),
     )
     return count, frames
+
+
+def _expected_frames(cur: sqlite3.Cursor, series_uid: str) -> int | None:
+    """The frame count announced by the headers, while the series has one acquisition.
+
+    ImagesInAcquisition counts one acquisition's images: once a second AcquisitionNumber
+    shows up, the count no longer says when the series ends, and the idle timer decides.
+    """
+    expected, acquisitions = cur.execute(
+        "SELECT s.expected_frames, COUNT(DISTINCT i.acquisition_number) FROM series s"
+        " JOIN instances i ON i.series_uid = s.series_uid AND i.state = ?"
+        " WHERE s.series_uid = ? GROUP BY s.expected_frames",
+        (STORED, series_uid),
+    ).fetchone()
+    return expected if acquisitions <= 1 else None
 
 
 def _complete_series(cur: sqlite3.Cursor, series_uid: str, study_uid: str, at: float,

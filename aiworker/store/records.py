@@ -14,7 +14,9 @@ class InstanceRecord:
 
     ``expected_frames`` is ImagesInAcquisition (0020,1002) when the header has it, else the
     NumberOfFrames of a multi-frame object, else ``None``: it lets a series complete as soon
-    as that many frames have arrived instead of waiting for the idle timer.
+    as that many frames have arrived instead of waiting for the idle timer. It counts the
+    images of one acquisition, so it is only trusted while a series has one
+    AcquisitionNumber (``acquisition_number``).
     """
 
     study_uid: str
@@ -26,6 +28,7 @@ class InstanceRecord:
     size: int
     frames: int
     expected_frames: int | None
+    acquisition_number: int | None
     modality: str
     series_number: int | None
     series_description: str
@@ -67,6 +70,7 @@ class InstanceRecord:
             size=size,
             frames=frames,
             expected_frames=expected,
+            acquisition_number=_int(_ascii(ds, 0x0020_0012)),
             modality=_ascii(ds, 0x0008_0060),
             series_number=_int(_ascii(ds, 0x0020_0011)),
             series_description=_text(ds, "SeriesDescription"),

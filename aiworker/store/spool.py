@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 TEMP_SUFFIX = ".tmp"
 INSTANCE_SUFFIX = ".dcm"
 
@@ -26,7 +26,7 @@ class InvalidUID(ValueError):
 
 def check_uid(uid: str, what: str) -> str:
     """Return ``uid`` if it is a well-formed DICOM UID, else raise :class:`InvalidUID`."""
-    if not uid or len(uid) > 64 or not _UID.match(uid):
+    if not uid or len(uid) > 64 or not _UID.fullmatch(uid):
         raise InvalidUID(f"{what} is not a valid UID: {uid[:80]!r}")
     return uid
 
