@@ -108,8 +108,8 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
            problems: Annotated[int, typer.Option(help="How many recent problems to list.")] = 10,
            ) -> None:
     """List received studies (series, instance counts, state) and recent problems."""
-    from aiworker.node import DataPaths
     from aiworker.store.db import PROBLEM_EVENTS, StateDB
+    from aiworker.store.layout import DataPaths
 
     cfg = _config(config)
     db_path = DataPaths(cfg.storage.data_dir).db

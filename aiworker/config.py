@@ -61,6 +61,7 @@ class Node(_Section):
     host: str = "0.0.0.0"
     port: Port = 11112
     max_associations: int = Field(16, ge=1, le=1024)
+    receive_processes: int = Field(1, ge=1, le=64)
     max_pdu_bytes: int = Field(262144, ge=0, description="0 = unlimited")
     network_timeout_s: float = Field(60.0, gt=0)
     allowed_callers: list[AllowedCaller] = []

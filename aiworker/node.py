@@ -9,36 +9,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 from aiworker.config import Config
+from aiworker.receive.processes import ReceiverProcesses
 from aiworker.receive.scp import Receiver
 from aiworker.store.completion import CompletionScheduler
 from aiworker.store.db import StateDB
+from aiworker.store.layout import DataPaths
 from aiworker.store.reconcile import reconcile
 from aiworker.store.spool import Spool
 
 log = logging.getLogger("aiworker.node")
-
-
-@dataclass
-class DataPaths:
-    """Where the node keeps its files under ``storage.data_dir``."""
-
-    root: Path
-
-    @property
-    def spool(self) -> Path:
-        return self.root / "spool"
-
-    @property
-    def db(self) -> Path:
-        return self.root / "state.db"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
 
 
 class Node:
@@ -50,7 +31,11 @@ class Node:
         self.spool = Spool(self.paths.spool, fsync=config.storage.fsync)
         self.db = StateDB(self.paths.db)
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
-        self.receiver = Receiver(config, self.spool, self.db)
+        self.receiver: Receiver | ReceiverProcesses
+        if config.node.receive_processes > 1:
+            self.receiver = ReceiverProcesses(config)
+        else:
+            self.receiver = Receiver(config, self.spool, self.db)
 
     def start(self) -> None:
         report = reconcile(self.spool, self.db, self.paths.quarantine)

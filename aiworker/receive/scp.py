@@ -122,6 +122,13 @@ class _Server(ThreadedAssociationServer):
     thread, bounded by the ACSE timeout.
     """
 
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
         if self.ssl_context:
@@ -146,8 +153,11 @@ class _Server(ThreadedAssociationServer):
 class Receiver:
     """The node's DICOM listener; :meth:`start` returns once it is listening."""
 
-    def __init__(self, config: Config, spool: Spool, db: StateDB):
+    def __init__(self, config: Config, spool: Spool, db: StateDB, shared_port: bool = False):
+        """``shared_port``: other processes listen on the same port (SO_REUSEPORT) and the
+        kernel spreads connections over them; ``node.max_associations`` is split evenly."""
         self.config = config
+        self.shared_port = shared_port
         self.spool = spool
         self.db = db
         self.allow = AllowList.from_config(config.node.allowed_callers)
@@ -159,7 +169,7 @@ class Receiver:
     def build_ae(self) -> AE:
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
+        ae.maximum_associations = -(-node.max_associations // node.receive_processes)
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.network_timeout = node.network_timeout_s
         ae.acse_timeout = 30
@@ -191,6 +201,7 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_closed),
         ]
         ae = self.build_ae()
+        _Server.reuse_port = self.shared_port
         self.server = ae.make_server(
             (node.host, node.port),
             evt_handlers=handlers,

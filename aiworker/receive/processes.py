@@ -1,0 +1,98 @@
+"""Several receiving processes on one port, for many concurrent senders on several cores.
+
+One Python process serves its associations in threads that share one interpreter lock, so
+on a multi-core host concurrent senders are faster served by several processes. With
+``node.receive_processes: N`` (N > 1) the node starts N worker processes; each binds the
+DICOM port with SO_REUSEPORT (Linux), and the kernel spreads incoming connections over them.
+Each worker has its own connection to the state DB (SQLite in WAL mode takes writers from
+several processes) and writes to the same spool. The parent keeps the completion scheduler
+and restarts a worker that dies; a worker dies with its parent, even one killed with -9.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from aiworker.config import Config
+
+log = logging.getLogger("aiworker.receive")
+
+PR_SET_PDEATHSIG = 1
+
+
+class ReceiverProcesses:
+    """Starts, watches and stops the worker processes."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[BaseProcess] = []
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="receive-workers", daemon=True)
+
+    def start(self) -> None:
+        self._workers = [self._spawn(i) for i in range(self.config.node.receive_processes)]
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for worker in self._workers:
+            worker.terminate()
+        for worker in self._workers:
+            worker.join(timeout=10)
+
+    def _spawn(self, index: int) -> BaseProcess:
+        worker = self._context.Process(
+            target=_serve, name=f"receiver-{index}",
+            args=(self.config.model_dump(mode="json"), os.getpid()), daemon=True)
+        worker.start()
+        return worker
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            for i, worker in enumerate(self._workers):
+                if not worker.is_alive() and not self._stopping.is_set():
+                    log.error("receiving process %d exited (code %s); restarting it", i,
+                              worker.exitcode)
+                    self._workers[i] = self._spawn(i)
+
+
+def _serve(config_data: dict[str, Any], parent_pid: int) -> None:
+    """A worker's life: receive until the parent stops it or dies."""
+    from aiworker import logs
+    from aiworker.receive.scp import Receiver
+    from aiworker.store.db import StateDB
+    from aiworker.store.layout import DataPaths
+    from aiworker.store.spool import Spool
+
+    _die_with_parent(parent_pid)
+    config = Config.model_validate(config_data)
+    logs.setup(config.logging.level, config.logging.json_lines)
+    paths = DataPaths(config.storage.data_dir)
+    receiver = Receiver(config, Spool(paths.spool, fsync=config.storage.fsync),
+                        StateDB(paths.db), shared_port=True)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    receiver.start()
+    stopping.wait()
+    receiver.stop()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot tie this receiving process to its parent's life")
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
