@@ -52,7 +52,12 @@ class Node:
 def serve(config: Config) -> None:
     """Run the node until SIGINT or SIGTERM."""
     node = Node(config)
-    node.start()
+    try:
+        node.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start receiving on %s:%d: %s", config.node.host, config.node.port, exc)
+        node.stop()
+        raise SystemExit(1) from exc
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -280,14 +280,14 @@ class Target:
     describe: str
 
 
-def start_node(tools: Tools, fsync: bool) -> Callable[[Path, bool], Server]:
+def start_node(tools: Tools, fsync: bool, processes: int = 1) -> Callable[[Path, bool], Server]:
     """A starter for ``aiworker serve`` with a config written into the run folder."""
 
     def start(run_dir: Path, nodelay: bool) -> Server:
         port, data = free_port(), run_dir / "data"
         config = run_dir / "aiworker.yaml"
         config.write_text(
-            f"node: {{host: 127.0.0.1, port: {port}}}\n"
+            f"node: {{host: 127.0.0.1, port: {port}, receive_processes: {processes}}}\n"
             f"storage: {{data_dir: {json.dumps(str(data))}, min_free_mb: 1, "
             f"fsync: {str(fsync).lower()}}}\n"
             "completion: {series_stable_seconds: 5}\n"
@@ -369,6 +369,8 @@ def make_targets(tools: Tools, only: str | None, skip_orthanc: bool) -> list[Tar
     targets = [
         Target("node fsync on", "node", start_node(tools, True), f"{node}  (fsync: true)"),
         Target("node fsync off", "node", start_node(tools, False), f"{node}  (fsync: false)"),
+        Target("node 2 procs", "node", start_node(tools, True, processes=2),
+               f"{node}  (fsync: true, node.receive_processes: 2)"),
         Target("storescp", "storescp", start_storescp(tools),
                f"{tools.storescp} -od RUN/received PORT  (no fsync)"),
     ]

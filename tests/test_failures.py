@@ -295,3 +295,16 @@ def test_node_stops_cleanly_on_signal(node, signum) -> None:
     assert node.proc.wait(10) == 0
     assert "stopping" in node.log_text()
     assert "Traceback" not in node.log_text()
+
+
+def test_port_in_use_is_a_clear_error(node_factory) -> None:
+    """A second node on a taken port exits 1 and says why, without a traceback."""
+    first = node_factory("first")
+    second = node_factory("second", start=False)
+    second.reconfigure(node={"port": first.port})
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        second.start()
+    log = second.log_text()
+    assert f"cannot start receiving on 127.0.0.1:{first.port}" in log
+    assert "Address already in use" in log
+    assert "Traceback" not in log

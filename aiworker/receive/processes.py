@@ -39,6 +39,7 @@ class ReceiverProcesses:
         self._watcher = threading.Thread(target=self._watch, name="receive-workers", daemon=True)
 
     def start(self) -> None:
+        """Start the workers; returns once every one of them is listening."""
         self._workers = [self._spawn(i) for i in range(self.config.node.receive_processes)]
         self._watcher.start()
 
@@ -50,10 +51,14 @@ class ReceiverProcesses:
             worker.join(timeout=10)
 
     def _spawn(self, index: int) -> BaseProcess:
+        listening = self._context.Event()
         worker = self._context.Process(
             target=_serve, name=f"receiver-{index}",
-            args=(self.config.model_dump(mode="json"), os.getpid()), daemon=True)
+            args=(self.config.model_dump(mode="json"), os.getpid(), listening), daemon=True)
         worker.start()
+        while not listening.wait(0.1):
+            if not worker.is_alive():
+                raise RuntimeError(f"receiving process {index} exited with {worker.exitcode}")
         return worker
 
     def _watch(self) -> None:
@@ -65,7 +70,7 @@ class ReceiverProcesses:
                     self._workers[i] = self._spawn(i)
 
 
-def _serve(config_data: dict[str, Any], parent_pid: int) -> None:
+def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any) -> None:
     """A worker's life: receive until the parent stops it or dies."""
     from aiworker import logs
     from aiworker.receive.scp import Receiver
@@ -83,6 +88,7 @@ def _serve(config_data: dict[str, Any], parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     receiver.start()
+    listening.set()
     stopping.wait()
     receiver.stop()
 

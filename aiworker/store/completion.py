@@ -32,7 +32,8 @@ class CompletionScheduler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def tick(self) -> list[str]:
         """Complete what is due now; returns the series UIDs completed."""
