@@ -160,7 +160,7 @@ class StateDB:
             _upsert_instance(cur, rec)
             if old is not None and old["series_uid"] != rec.series_uid:
                 _recount(cur, old["series_uid"])
-            count, frames = _recount(cur, rec.series_uid)
+            count, frames, expected = _recount(cur, rec.series_uid)
             reopened = before is not None and before["state"] == COMPLETE
             if before is None:
                 _event(cur, "series_started", rec.study_uid, rec.series_uid, rec.sop_uid,
@@ -168,7 +168,6 @@ class StateDB:
             if reopened:
                 _event(cur, "late_arrival", rec.study_uid, rec.series_uid, rec.sop_uid,
                        calling_ae=rec.calling_ae)
-            expected = _expected_frames(cur, rec.series_uid)
             completed = expected is not None and frames >= expected
             if completed:
                 _complete_series(cur, rec.series_uid, rec.study_uid, rec.received_at,
@@ -305,33 +304,25 @@ def _upsert_instance(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
     )
 
 
-def _recount(cur: sqlite3.Cursor, series_uid: str) -> tuple[int, int]:
-    """Set a series' instance, frame and byte counts from its stored instances."""
-    count, frames, size = cur.execute(
-        "SELECT COUNT(*), COALESCE(SUM(frames), 0), COALESCE(SUM(size), 0) FROM instances"
-        " WHERE series_uid = ? AND state = ?",
+def _recount(cur: sqlite3.Cursor, series_uid: str) -> tuple[int, int, int | None]:
+    """Set a series' instance, frame and byte counts from its stored instances.
+
+    Returns (instances, frames, expected frames). The expected count comes from
+    ImagesInAcquisition, which counts one acquisition's images: once a second
+    AcquisitionNumber shows up it no longer says when the series ends, and it is returned
+    as None so that the idle timer decides.
+    """
+    count, frames, size, acquisitions = cur.execute(
+        "SELECT COUNT(*), COALESCE(SUM(frames), 0), COALESCE(SUM(size), 0),"
+        " COUNT(DISTINCT acquisition_number) FROM instances WHERE series_uid = ? AND state = ?",
         (series_uid, STORED),
     ).fetchone()
-    cur.execute(
-        "UPDATE series SET instance_count = ?, frame_count = ?, bytes = ? WHERE series_uid = ?",
+    (expected,) = cur.execute(
+        "UPDATE series SET instance_count = ?, frame_count = ?, bytes = ? WHERE series_uid = ?"
+        " RETURNING expected_frames",
         (count, frames, size, series_uid),
-    )
-    return count, frames
-
-
-def _expected_frames(cur: sqlite3.Cursor, series_uid: str) -> int | None:
-    """The frame count announced by the headers, while the series has one acquisition.
-
-    ImagesInAcquisition counts one acquisition's images: once a second AcquisitionNumber
-    shows up, the count no longer says when the series ends, and the idle timer decides.
-    """
-    expected, acquisitions = cur.execute(
-        "SELECT s.expected_frames, COUNT(DISTINCT i.acquisition_number) FROM series s"
-        " JOIN instances i ON i.series_uid = s.series_uid AND i.state = ?"
-        " WHERE s.series_uid = ? GROUP BY s.expected_frames",
-        (STORED, series_uid),
     ).fetchone()
-    return expected if acquisitions <= 1 else None
+    return count, frames, expected if acquisitions <= 1 else None
 
 
 def _complete_series(cur: sqlite3.Cursor, series_uid: str, study_uid: str, at: float,
