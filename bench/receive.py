@@ -230,18 +230,21 @@ class Study:
         return sorted((self.folder / f"{number:03d}").glob("*.dcm"))
 
 
-def load_study(slices: int) -> Study:
+WARMUP_SLICES = 4  # per series: 12 instances sent untimed to every target before each run
+
+
+def load_study(slices: int, seed: int = 0) -> Study:
     """The 3-series 512x512 study with ``slices`` per series, generated once under bench/out."""
-    folder = OUT / f"study-3x{slices}-{SIZE}"
+    folder = OUT / (f"study-3x{slices}-{SIZE}" + (f"-seed{seed}" if seed else ""))
     marker = folder.with_suffix(".json")  # beside the folder: storescu +sd sends every file
     if not (marker.exists() and folder.is_dir()):
-        generate_study(folder, marker, slices)
+        generate_study(folder, marker, slices, seed)
     meta = json.loads(marker.read_text())
     files = [folder / name for name in meta["files"]]
     return Study(folder, files, sum(f.stat().st_size for f in files))
 
 
-def generate_study(folder: Path, marker: Path, slices: int) -> None:
+def generate_study(folder: Path, marker: Path, slices: int, seed: int) -> None:
     """Write the study into a scratch folder, move it into place, then write its marker."""
     sys.path.insert(0, str(ROOT))
     from aiworker.phantom.simple import SeriesSpec, write_study
@@ -250,7 +253,7 @@ def generate_study(folder: Path, marker: Path, slices: int) -> None:
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     specs = tuple(SeriesSpec(plane, slices, SIZE, SIZE, desc) for plane, desc in SERIES)
-    paths = write_study(scratch, specs, seed=0)
+    paths = write_study(scratch, specs, seed=seed)
     names = [str(p.relative_to(scratch)) for p in paths]
     shutil.rmtree(folder, ignore_errors=True)
     scratch.rename(folder)
@@ -530,8 +533,8 @@ def settle_count(server: Server, expected: int, wait_s: float = 3.0) -> int:
 
 
 def one_run(tools: Tools, target: Target, mode: Mode, images: int, workdir: Path,
-            timeout_s: float) -> Run:
-    """Start the target fresh in an empty folder, send, stop it, delete the folder.
+            timeout_s: float, warmup: Study) -> Run:
+    """Start the target fresh in an empty folder, warm it up, send, stop it, delete the folder.
 
     The logs and configs of a failed or incomplete run are kept under bench/out/failed/.
     """
@@ -539,7 +542,7 @@ def one_run(tools: Tools, target: Target, mode: Mode, images: int, workdir: Path
     mark = len(PROCS.started)
     os.sync()  # no writeback left over from earlier runs or from generating the study
     try:
-        run = timed_send(tools, target, mode, images, run_dir, timeout_s)
+        run = timed_send(tools, target, mode, images, run_dir, timeout_s, warmup)
     finally:
         PROCS.stop_since(mark)
     if run.seconds is None or run.received != images:
@@ -549,11 +552,15 @@ def one_run(tools: Tools, target: Target, mode: Mode, images: int, workdir: Path
 
 
 def timed_send(tools: Tools, target: Target, mode: Mode, images: int, run_dir: Path,
-               timeout_s: float) -> Run:
-    """Start the target, send while sampling its RSS, count what it received."""
+               timeout_s: float, warmup: Study) -> Run:
+    """Start the target, send it the small warm-up study (untimed: a long-running receiver
+    has its code paths and caches warm), then send while sampling its RSS, and count what
+    it received."""
     server = None
     try:
         server = target.start(run_dir, mode.nodelay)
+        warm = Mode("warm-up", mode.nodelay, [[warmup.folder]], True, 1, "")
+        send(tools, server, warm, run_dir, timeout_s)
         sampler = RssSampler(server.proc.pid)
         sampler.start()
         try:
@@ -561,10 +568,12 @@ def timed_send(tools: Tools, target: Target, mode: Mode, images: int, run_dir: P
         finally:
             sampler.finish()
     except RuntimeError as exc:
-        return Run(None, settle_count(server, images, 0) if server else 0, [], str(exc))
+        received = settle_count(server, images, 0) - len(warmup.files) if server else 0
+        return Run(None, received, [], str(exc))
     rss = [sampler.at(seconds * f) for f in (0, 1 / 3, 2 / 3, 1)]
     rss.append(max(s[1] for s in sampler.samples))
-    return Run(seconds, settle_count(server, images), rss)
+    return Run(seconds, settle_count(server, images + len(warmup.files)) - len(warmup.files),
+               rss)
 
 
 def keep_logs(run_dir: Path, label: str) -> Path:
@@ -579,7 +588,7 @@ def keep_logs(run_dir: Path, label: str) -> Path:
 
 
 def run_mode(tools: Tools, targets: list[Target], mode: Mode, study: Study, workdir: Path,
-             timeout_s: float) -> list[Result]:
+             timeout_s: float, warmup: Study) -> list[Result]:
     """All runs of one mode, interleaving the targets run by run."""
     files = [f for batch in mode.batches for f in expand(batch, mode.dirs)]
     nbytes = sum(f.stat().st_size for f in files)
@@ -587,7 +596,7 @@ def run_mode(tools: Tools, targets: list[Target], mode: Mode, study: Study, work
     print(f"\n== mode {mode.name}: {mode.note}", flush=True)
     for i in range(mode.runs):
         for result in results:
-            run = one_run(tools, result.target, mode, len(files), workdir, timeout_s)
+            run = one_run(tools, result.target, mode, len(files), workdir, timeout_s, warmup)
             result.runs.append(run)
             line = describe_run(run, result)
             print(f"  run {i + 1}/{mode.runs}  {result.target.name:<15} {line}", flush=True)
@@ -773,9 +782,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
     for line in machine_lines(tools, args.workdir.resolve()):
         print(line)
     study = load_study(args.slices)
+    warmup = load_study(WARMUP_SLICES, seed=1)
     print(f"study:    {len(study.files)} instances, 3 series x {args.slices} slices, "
           f"{SIZE}x{SIZE} 16-bit, {study.bytes / MB:.1f} MB, in {study.folder}")
-    print("targets (each run: sync, start fresh with an empty folder, send, stop, delete):")
+    print("targets (each run: sync, start fresh with an empty folder, send an untimed warm-up "
+          f"study of {len(warmup.files)} other instances, send, stop, delete):")
     for target in targets:
         print(f"  {target.name:<15} {target.describe}")
     print(f"sender:   {tools.storescu} +sd +r -aec AET 127.0.0.1 PORT DIR  "
@@ -785,7 +796,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     results: list[Result] = []
     try:
         for mode in make_modes(study, args.runs, args.nagle_runs, args.concurrency):
-            results += run_mode(tools, targets, mode, study, workdir, args.timeout)
+            results += run_mode(tools, targets, mode, study, workdir, args.timeout, warmup)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(results)
