@@ -47,6 +47,11 @@ def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
     from aiworker.node import serve as run_node
 
     cfg = _config(config)
+    run_node(cfg, on_ready=lambda: _print_banner(cfg))
+
+
+def _print_banner(cfg: Config) -> None:
+    """Where the node listens and how to send it a study (printed once it is listening)."""
     node = cfg.node
     where = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
     tls = " +tls" if node.tls.enabled else ""
@@ -59,7 +64,6 @@ def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
         highlight=False,
     )
     sys.stdout.flush()
-    run_node(cfg)
 
 
 @app.command()

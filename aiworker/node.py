@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 from aiworker.config import Config
 from aiworker.receive.processes import ReceiverProcesses
@@ -49,8 +50,9 @@ class Node:
         self.db.close()
 
 
-def serve(config: Config) -> None:
-    """Run the node until SIGINT or SIGTERM."""
+def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Run the node until SIGINT or SIGTERM; ``on_ready`` runs once every receiving process
+    is listening."""
     node = Node(config)
     try:
         node.start()
@@ -58,6 +60,7 @@ def serve(config: Config) -> None:
         log.error("cannot start receiving on %s:%d: %s", config.node.host, config.node.port, exc)
         node.stop()
         raise SystemExit(1) from exc
+    on_ready()
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -133,6 +133,18 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float
     raise RuntimeError(f"not listening on port {port} after {timeout_s:.0f} s:\n{tail(log)}")
 
 
+def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Return once ``text`` appears in ``log``; fail if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode}:\n{tail(log)}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{text!r} not in its log after {timeout_s:.0f} s:\n{tail(log)}")
+
+
 def tail(path: Path, lines: int = 15) -> str:
     """The last lines of a log file, indented, for error messages."""
     try:
@@ -300,6 +312,8 @@ def start_node(tools: Tools, fsync: bool, processes: int = 1) -> Callable[[Path,
         proc = PROCS.start([*tools.aiworker, "serve", "--config", str(config)],
                            clean_env(nodelay), log, cwd=ROOT)
         wait_for_port(port, proc, log, START_TIMEOUT_S)
+        # the port opens with the first receiving process; the banner comes once all listen
+        wait_for_text(log, "aiworker listening as AE", proc, START_TIMEOUT_S)
         return Server(proc, port, "AIWORKER", lambda: count_files(data / "spool", "*.dcm"))
 
     return start
