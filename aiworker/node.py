@@ -53,6 +53,9 @@ class Node:
 def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
     """Run the node until SIGINT or SIGTERM; ``on_ready`` runs once every receiving process
     is listening."""
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
     node = Node(config)
     try:
         node.start()
@@ -61,9 +64,6 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
         node.stop()
         raise SystemExit(1) from exc
     on_ready()
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
     stopping.wait()
     log.info("stopping")
     node.stop()
