@@ -45,3 +45,43 @@ def test_data_sets_and_other_encodings_go_to_pydicom() -> None:
     assert encode_command_set(ds) is None
     assert _encode(ds, True, True) == encode(ds, True, True)
     assert _encode(ds, False, True) == encode(ds, False, True)
+
+
+def test_part10_header_reads_back_with_pydicom(tmp_path) -> None:
+    from pydicom.filereader import read_file_meta_info
+
+    from aiworker.receive.dataset import part10_header
+
+    path = tmp_path / "x.dcm"
+    path.write_bytes(part10_header("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5", "1.2.840.10008.1.2.1"))
+    meta = read_file_meta_info(path)
+    assert meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
+    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert meta.FileMetaInformationGroupLength == path.stat().st_size - 144
+
+
+def test_incoming_file_keeps_a_write_error_for_the_handler(tmp_path, monkeypatch) -> None:
+    """A full disk while a data set streams in must not raise inside pynetdicom's reactor
+    (that would abort the association); the handler sees it and answers 0xA700."""
+    import errno
+
+    from aiworker.receive.incoming import IncomingFile
+    from aiworker.receive.scp import OUT_OF_RESOURCES, _write_refusal
+
+    incoming = IncomingFile(tmp_path, writeback=True)
+    incoming.write(b"first fragment")
+    incoming.flush()
+
+    def disk_full(_data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(incoming._handle, "write", disk_full)
+    incoming.write(b"second fragment")  # no exception here
+    incoming.flush()
+    assert incoming.error is not None and incoming.error.errno == errno.ENOSPC
+    assert incoming.size == len(b"first fragment")
+    with pytest.raises(OSError):
+        incoming.fsync()
+    assert _write_refusal(incoming.error).status == OUT_OF_RESOURCES
+    incoming.close()
