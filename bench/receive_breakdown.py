@@ -5,12 +5,11 @@ Runs the node in this process and sends the benchmark study (see receive.py; gen
 first with ``bench/receive.py --quick`` or a full run) with one ``storescu`` over loopback,
 ``TCP_NODELAY=1``, 4 runs per variant, median printed:
 
-* ``stock-noop``: pynetdicom as shipped (data sets in memory), a handler that answers
-  success and stores nothing;
-* ``noop``: the node's pynetdicom speed-ups (receive/fastpath.py) and streaming of each
-  data set into a file while it arrives (receive/incoming.py); the handler drops the file;
-* ``parse``: + walking the data set's header in that file;
-* ``full``: the node's real handler (header, fsync if on, rename into the spool, DB row).
+* ``stock-noop``: pynetdicom as shipped, a handler that answers success and stores nothing;
+* ``noop``: the node's pynetdicom speed-ups (receive/fastpath.py), the same empty handler;
+* ``parse``: + walking the data set's header;
+* ``write``: + writing the file into the spool (no header walk, no DB);
+* ``full``: the node's real handler (header, spool file, state DB row).
 
 ``--fsync`` turns storage.fsync on. Figures are printed, nothing is asserted.
 """
@@ -34,20 +33,22 @@ sys.path.insert(0, str(ROOT))
 
 from aiworker.config import load_config  # noqa: E402
 from aiworker.node import Node  # noqa: E402
-from aiworker.receive import fastpath, incoming, scp  # noqa: E402
+from aiworker.receive import fastpath, scp  # noqa: E402
 from aiworker.receive.dataset import read_header  # noqa: E402
 
-VARIANTS = ("stock-noop", "noop", "parse", "full")
+VARIANTS = ("stock-noop", "noop", "parse", "write", "full")
 
 
 def cut_down_handler(variant: str):
     """A C-STORE handler doing only the steps the variant names."""
 
     def handle(self: scp.Receiver, event) -> int:
-        incoming = event.request._dataset_file  # None with stock pynetdicom
+        request = event.request
         if variant == "parse":
-            with open(incoming.name, "rb") as stream:
-                read_header(stream, UID(event.context.transfer_syntax), incoming.data_offset)
+            read_header(request.DataSet, UID(event.context.transfer_syntax))
+        if variant == "write":
+            path = self.spool.root / "x" / f"{request.AffectedSOPInstanceUID}.dcm"
+            self.spool.write(path, [b"\0" * 300, request.DataSet.getbuffer()])
         return 0x0000
 
     return handle
@@ -59,7 +60,6 @@ def measure(variant: str, study: Path, fsync: bool, runs: int) -> float:
         scp.Receiver._on_store = cut_down_handler(variant)
     if variant == "stock-noop":
         fastpath.install = lambda: None
-        incoming.install = lambda folder, writeback: None
     data = Path(tempfile.mkdtemp(prefix="breakdown-", dir=ROOT / "bench" / "out"))
     port = 11000 + os.getpid() % 20000
     os.environ.update(AIWORKER_STORAGE__DATA_DIR=str(data), AIWORKER_NODE__PORT=str(port),

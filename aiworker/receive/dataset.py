@@ -24,7 +24,6 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittl
 from aiworker import __version__
 
 IMPLEMENTATION_VERSION = f"AIWORKER_{__version__}"[:16]
-PREAMBLE_AND_PREFIX = 132  # 128 bytes of preamble, then "DICM"
 SKIP_VALUES_LONGER_THAN = 256  # bytes; such values are stepped over, never read
 
 
@@ -32,16 +31,15 @@ class IncompleteDataSet(ValueError):
     """The bytes received do not form a whole data set (truncated, or not DICOM at all)."""
 
 
-def read_header(stream: BinaryIO, transfer_syntax: UID, start: int = 0) -> Dataset:
-    """Walk the data set in ``stream`` from ``start`` to the end; values are converted on
-    access.
+def read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
+    """Walk the data set in ``stream`` from its start; values are converted on access.
 
     Raises :class:`IncompleteDataSet` when the elements do not end exactly where the
     data ends.
     """
     stream.seek(0, io.SEEK_END)
     length = stream.tell()
-    stream.seek(start)
+    stream.seek(0)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.read())
         stream, length = io.BytesIO(inflated), len(inflated)
@@ -75,7 +73,7 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
         )
     )
     group_length = _element(0x0000, b"UL", struct.pack("<I", len(elements)))
-    return b"\x00" * (PREAMBLE_AND_PREFIX - 4) + b"DICM" + group_length + elements
+    return b"\x00" * 128 + b"DICM" + group_length + elements
 
 
 def _element(element: int, vr: bytes, value: bytes) -> bytes:

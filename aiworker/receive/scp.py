@@ -14,8 +14,7 @@ an Error Comment the sender can show:
 ========  ===============================================================
 
 The data set is stored byte for byte as received, in the transfer syntax it was sent in;
-nothing is transcoded on receive. It is streamed to disk while it arrives
-(:mod:`aiworker.receive.incoming`); the handler checks it, fsyncs it and renames it into place.
+nothing is transcoded on receive.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import ssl
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -60,10 +58,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from aiworker.config import Config
 from aiworker.receive import fastpath
-from aiworker.receive import incoming as streaming
 from aiworker.receive.access import AllowList
-from aiworker.receive.dataset import IncompleteDataSet, read_header
-from aiworker.receive.incoming import IncomingFile
+from aiworker.receive.dataset import IncompleteDataSet, part10_header, read_header
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
 from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
@@ -111,12 +107,6 @@ def _why_undecodable(exc: Exception) -> str:
     if isinstance(exc, IncompleteDataSet):
         return "data set truncated or not DICOM"
     return f"cannot decode data set: {type(exc).__name__}"
-
-
-def _write_refusal(error: OSError) -> StoreRefused:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreRefused(OUT_OF_RESOURCES, "disk full")
-    return StoreRefused(WRITE_FAILED, f"spool write failed: {error.strerror}")
 
 
 def _accept_uid(_uid: object) -> tuple[bool, str]:
@@ -192,7 +182,6 @@ class Receiver:
 
     def start(self) -> ThreadedAssociationServer:
         fastpath.install()
-        streaming.install(self.spool.incoming, writeback=self.spool.fsync)
         # Accept every storage SOP class, private ones too, in the syntax it is sent in; skip
         # pynetdicom's per-message logging handlers (they cost ~5 % per image and can print
         # identifiers) and its regex check of every UID in every DIMSE message (the spool
@@ -274,20 +263,14 @@ class Receiver:
         return 0x0000
 
     def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
-        """Move the streamed instance into the spool and the DB, or raise StoreRefused."""
+        """Write the instance to the spool and the DB, or raise :class:`StoreRefused`."""
         request = event.request
-        # pynetdicom streamed the data set into this file as it arrived (see incoming.py).
-        incoming: IncomingFile | None = request._dataset_file
-        if incoming is None:
-            raise StoreRefused(CANNOT_DECODE, "C-STORE without a data set")
-        if incoming.error is not None:
-            raise _write_refusal(incoming.error)
-        if shutil.disk_usage(self.spool.root).free < self.min_free_bytes:
+        data = request.DataSet.getbuffer()
+        if shutil.disk_usage(self.spool.root).free - len(data) < self.min_free_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
         transfer_syntax = UID(event.context.transfer_syntax)
         try:
-            with open(incoming.name, "rb") as stream:
-                ds = read_header(stream, transfer_syntax, start=incoming.data_offset)
+            ds = read_header(request.DataSet, transfer_syntax)
         except Exception as exc:
             raise StoreRefused(CANNOT_DECODE, _why_undecodable(exc)) from exc
         try:
@@ -300,15 +283,16 @@ class Receiver:
             path = self.spool.path_for(study_uid, series_uid, sop_uid)
         except InvalidUID as exc:
             raise StoreRefused(BAD_UIDS, str(exc)) from exc
+        header = part10_header(request.AffectedSOPClassUID, sop_uid, transfer_syntax)
         try:
-            if self.spool.fsync:
-                incoming.fsync()
-            self.spool.commit(Path(incoming.name), path)
+            size = self.spool.write(path, [header, data])
         except OSError as exc:
-            raise _write_refusal(exc) from exc
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefused(OUT_OF_RESOURCES, "disk full") from exc
+            raise StoreRefused(WRITE_FAILED, f"spool write failed: {exc.strerror}") from exc
         try:
             record = InstanceRecord.from_dataset(
-                ds, path=path, size=incoming.size, transfer_syntax=transfer_syntax,
+                ds, path=path, size=size, transfer_syntax=transfer_syntax,
                 calling_ae=calling, received_at=time.time())
             recorded = self.db.record_instance(record)
         except Exception as exc:
