@@ -45,3 +45,17 @@ def test_data_sets_and_other_encodings_go_to_pydicom() -> None:
     assert encode_command_set(ds) is None
     assert _encode(ds, True, True) == encode(ds, True, True)
     assert _encode(ds, False, True) == encode(ds, False, True)
+
+
+def test_part10_header_reads_back_with_pydicom(tmp_path) -> None:
+    from pydicom.filereader import read_file_meta_info
+
+    from aiworker.receive.dataset import part10_header
+
+    path = tmp_path / "x.dcm"
+    path.write_bytes(part10_header("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5", "1.2.840.10008.1.2.1"))
+    meta = read_file_meta_info(path)
+    assert meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
+    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert meta.FileMetaInformationGroupLength == path.stat().st_size - 144
