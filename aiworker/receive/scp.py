@@ -27,6 +27,8 @@ import ssl
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -109,6 +111,15 @@ def _why_undecodable(exc: Exception) -> str:
     return f"cannot decode data set: {type(exc).__name__}"
 
 
+def _discard(writing: Future) -> None:
+    """Wait for a temporary file that will not be used, and remove it."""
+    try:
+        temp, _size = writing.result()
+    except OSError:
+        return
+    temp.unlink(missing_ok=True)
+
+
 def _accept_uid(_uid: object) -> tuple[bool, str]:
     return True, ""
 
@@ -163,6 +174,8 @@ class Receiver:
         self.allow = AllowList.from_config(config.node.allowed_callers)
         self.min_free_bytes = config.storage.min_free_mb * 1024 * 1024
         self.server: ThreadedAssociationServer | None = None
+        self._writer = ThreadPoolExecutor(max_workers=config.node.max_associations,
+                                          thread_name_prefix="spool-writer")
         self._stats: WeakKeyDictionary[Any, Counter] = WeakKeyDictionary()
         self._stats_lock = threading.Lock()
 
@@ -219,6 +232,7 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+        self._writer.shutdown(wait=True)
 
     # --- event handlers ----------------------------------------------------------------
 
@@ -263,30 +277,29 @@ class Receiver:
         return 0x0000
 
     def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
-        """Write the instance to the spool and the DB, or raise :class:`StoreRefused`."""
+        """Write the instance to the spool and the DB, or raise :class:`StoreRefused`.
+
+        The file is written (and fsynced) by a helper thread while this one walks the
+        header: the write waits on the kernel and the disk, the walk on the interpreter.
+        """
         request = event.request
         data = request.DataSet.getbuffer()
         if shutil.disk_usage(self.spool.root).free - len(data) < self.min_free_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
         transfer_syntax = UID(event.context.transfer_syntax)
+        header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+                               transfer_syntax)
+        writing = self._writer.submit(self.spool.write_temporary, [header, data])
         try:
-            ds = read_header(request.DataSet, transfer_syntax)
-        except Exception as exc:
-            raise StoreRefused(CANNOT_DECODE, _why_undecodable(exc)) from exc
+            path, ds = self._check(request, transfer_syntax)
+        except StoreRefused:
+            _discard(writing)
+            raise
         try:
-            study_uid, series_uid, sop_uid = instance_uids(ds)
-        except MissingUID as exc:
-            raise StoreRefused(BAD_UIDS, str(exc)) from exc
-        if sop_uid != request.AffectedSOPInstanceUID:
-            raise StoreRefused(UID_MISMATCH, "SOPInstanceUID differs from the command's")
-        try:
-            path = self.spool.path_for(study_uid, series_uid, sop_uid)
-        except InvalidUID as exc:
-            raise StoreRefused(BAD_UIDS, str(exc)) from exc
-        header = part10_header(request.AffectedSOPClassUID, sop_uid, transfer_syntax)
-        try:
-            size = self.spool.write(path, [header, data])
+            temp, size = writing.result()
+            self.spool.commit(temp, path)
         except OSError as exc:
+            _discard(writing)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreRefused(OUT_OF_RESOURCES, "disk full") from exc
             raise StoreRefused(WRITE_FAILED, f"spool write failed: {exc.strerror}") from exc
@@ -298,10 +311,27 @@ class Receiver:
         except Exception as exc:
             raise StoreRefused(DB_FAILED, f"state DB error: {type(exc).__name__}") from exc
         if recorded.reopened:
-            log.info("late arrival re-opens series %s", series_uid)
+            log.info("late arrival re-opens series %s", record.series_uid)
         if recorded.completed:
-            log.info("series complete (expected count reached): %s", series_uid)
+            log.info("series complete (expected count reached): %s", record.series_uid)
         return record
+
+    def _check(self, request: Any, transfer_syntax: UID) -> tuple[Path, Dataset]:
+        """Walk the data set's header: the instance's spool path, and the header itself."""
+        try:
+            ds = read_header(request.DataSet, transfer_syntax)
+        except Exception as exc:
+            raise StoreRefused(CANNOT_DECODE, _why_undecodable(exc)) from exc
+        try:
+            study_uid, series_uid, sop_uid = instance_uids(ds)
+        except MissingUID as exc:
+            raise StoreRefused(BAD_UIDS, str(exc)) from exc
+        if sop_uid != request.AffectedSOPInstanceUID:
+            raise StoreRefused(UID_MISMATCH, "SOPInstanceUID differs from the command's")
+        try:
+            return self.spool.path_for(study_uid, series_uid, sop_uid), ds
+        except InvalidUID as exc:
+            raise StoreRefused(BAD_UIDS, str(exc)) from exc
 
     def _count(self, assoc: Any, status: str, size: int = 0) -> None:
         with self._stats_lock:

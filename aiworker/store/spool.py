@@ -56,6 +56,17 @@ class Spool:
 
     def write(self, path: Path, chunks: Iterable[bytes]) -> int:
         """Write ``chunks`` to ``path`` atomically and durably; return the byte count."""
+        temp, size = self.write_temporary(chunks)
+        try:
+            self.commit(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return size
+
+    def write_temporary(self, chunks: Iterable[bytes]) -> tuple[Path, int]:
+        """Write ``chunks`` to a new temporary file in ``.incoming/`` (fsynced when fsync is
+        on); return its path and size. :meth:`commit` gives it its final name."""
         self.incoming.mkdir(exist_ok=True)
         temp = self.incoming / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
         size = 0
@@ -67,11 +78,10 @@ class Spool:
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
-            self.commit(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return size
+        return temp, size
 
     def commit(self, temp: Path, path: Path) -> None:
         """Rename a complete (and, with fsync on, fsynced) temporary file to ``path``.
