@@ -133,13 +133,6 @@ class _Server(ThreadedAssociationServer):
     thread, bounded by the ACSE timeout.
     """
 
-    reuse_port = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
         if self.ssl_context:
@@ -159,6 +152,14 @@ class _Server(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+class _SharedPortServer(_Server):
+    """A server that binds its port alongside other processes' (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class Receiver:
@@ -214,12 +215,11 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_closed),
         ]
         ae = self.build_ae()
-        _Server.reuse_port = self.shared_port
         self.server = ae.make_server(
             (node.host, node.port),
             evt_handlers=handlers,
             ssl_context=server_context(node.tls),
-            server_class=_Server,
+            server_class=_SharedPortServer if self.shared_port else _Server,
         )
         ae._servers.append(self.server)  # as AE.start_server does; server.shutdown() expects it
         threading.Thread(target=self.server.serve_forever, name="dicom-accept",
