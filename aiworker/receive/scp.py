@@ -13,8 +13,10 @@ an Error Comment the sender can show:
 0xC214    the state DB could not record the instance
 ========  ===============================================================
 
-The data set is stored byte for byte as received, in the transfer syntax it was sent in;
-nothing is transcoded on receive.
+Every storage SOP class is accepted, private ones too, each in the first transfer syntax
+the sender proposes for it (pynetdicom's unrestricted storage service); the data set is
+stored byte for byte as received, and nothing is transcoded on receive. A transfer syntax
+pydicom does not know cannot be checked and is refused (0xC210).
 """
 
 from __future__ import annotations
@@ -35,25 +37,11 @@ from weakref import WeakKeyDictionary
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
     UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -68,25 +56,6 @@ from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
 from aiworker.store.spool import InvalidUID, Spool
 
 log = logging.getLogger("aiworker.receive")
-
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    HTJ2K,
-    RLELossless,
-]
 
 OUT_OF_RESOURCES = 0xA700
 CANNOT_DECODE = 0xC210
@@ -189,8 +158,6 @@ class Receiver:
         ae.acse_timeout = 30
         ae.dimse_timeout = node.network_timeout_s
         ae.require_called_aet = True
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 
@@ -318,6 +285,8 @@ class Receiver:
 
     def _check(self, request: Any, transfer_syntax: UID) -> tuple[Path, Dataset]:
         """Walk the data set's header: the instance's spool path, and the header itself."""
+        if not transfer_syntax.is_transfer_syntax:
+            raise StoreRefused(CANNOT_DECODE, f"unsupported transfer syntax {transfer_syntax}")
         try:
             ds = read_header(request.DataSet, transfer_syntax)
         except Exception as exc:
