@@ -302,6 +302,14 @@ class NodeProcess:
         return next((s for s in self.status_json()["studies"] if s["study_uid"] == study_uid),
                     None)
 
+    def wait_study_complete(self, study_uid: str, timeout: float, what: str) -> dict[str, Any]:
+        """The study's ``status --json`` entry once its state is ``complete``."""
+        def complete() -> dict[str, Any] | None:
+            status = self.study_status(study_uid)
+            return status if status and status["state"] == "complete" else None
+
+        return wait_until(complete, timeout, what)
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "state.db"

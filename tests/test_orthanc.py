@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pydicom
-from support import dataset_bytes, dcmtk, needs_dcmtk, needs_orthanc, wait_until
+from support import dataset_bytes, dcmtk, needs_dcmtk, needs_orthanc
 
 pytestmark = [needs_orthanc, needs_dcmtk]
 
@@ -24,11 +24,8 @@ def test_orthanc_pushes_a_study_to_the_node(node, orthanc_factory, make_study) -
     job = orthanc.request("POST", "/modalities/aiworker/store", entry["ID"].encode())
     assert job is not None
 
-    def complete():
-        status = node.study_status(study.study_uid)
-        return status if status and status["state"] == "complete" else None
-
-    status = wait_until(complete, 20, "the forwarded study to complete on the node")
+    status = node.wait_study_complete(study.study_uid, 20,
+                                      "the forwarded study to complete on the node")
     assert status["instances"] == 15
     assert status["calling_ae"] == "ORTHANC"
     assert sorted(s["instances"] for s in status["series"]) == [5, 5, 5]

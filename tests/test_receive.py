@@ -67,11 +67,7 @@ def test_store_study_with_storescu(node, make_study) -> None:
     assert len(node.spool_files()) == 15
     assert node.spool_temporaries() == []
 
-    def complete():
-        status = node.study_status(study.study_uid)
-        return status if status and status["state"] == "complete" else None
-
-    status = wait_until(complete, 15, "the study to complete")
+    status = node.wait_study_complete(study.study_uid, 15, "the study to complete")
     assert status["instances"] == 15
     assert status["calling_ae"] == "STORESCU"
     assert status["completed_at"] is not None
@@ -134,11 +130,8 @@ def test_study_without_expected_count_completes_by_idle_timer(node_factory, make
         assert {s["state"] for s in status["series"]} == {"receiving"}
     assert status["instances"] == 8
 
-    def complete():
-        current = node.study_status(study.study_uid)
-        return current if current["state"] == "complete" else None
-
-    status = wait_until(complete, stable + 10, "the idle timer to complete the study")
+    status = node.wait_study_complete(study.study_uid, stable + 10,
+                                      "the idle timer to complete the study")
     for series in status["series"]:
         assert series["state"] == "complete"
         assert series["closed_by"] == "idle_timer"
