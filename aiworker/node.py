@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from collections.abc import Callable
 
@@ -56,7 +57,11 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    node = Node(config)
+    try:
+        node = Node(config)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cannot open the data dir %s: %s", config.storage.data_dir, exc)
+        raise SystemExit(1) from exc
     try:
         node.start()
     except (OSError, RuntimeError) as exc:

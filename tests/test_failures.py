@@ -308,3 +308,16 @@ def test_port_in_use_is_a_clear_error(node_factory) -> None:
     assert f"cannot start receiving on 127.0.0.1:{first.port}" in log
     assert "Address already in use" in log
     assert "Traceback" not in log
+
+
+def test_unusable_data_dir_is_a_clear_error(node_factory, tmp_path) -> None:
+    """A data dir that cannot be created stops the start with one line, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    node = node_factory("blocked", start=False)
+    node.reconfigure(storage={"data_dir": str(blocker / "var")})
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        node.start()
+    log = node.log_text()
+    assert f"cannot open the data dir {blocker / 'var'}" in log
+    assert "Traceback" not in log
