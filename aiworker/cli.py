@@ -1,13 +1,14 @@
 """The ``aiworker`` command line: serve, echo, send, status, phantom.
 
-Every command takes ``--config FILE`` (default ``config/aiworker.yaml``). A bad config stops
-the command with one line per problem and exit code 2.
+Every command but ``phantom`` takes ``--config FILE`` (default ``config/aiworker.yaml``). A
+bad config stops the command with one line per problem and exit code 2.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +28,8 @@ err = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 AETOption = Annotated[str, typer.Option("--aet", help="Called AE title of the remote node.")]
-CallingOption = Annotated[str, typer.Option("--calling-aet", help="Our (calling) AE title.")]
+CallingOption = Annotated[str | None, typer.Option(
+    "--calling-aet", help="Our (calling) AE title; default: node.ae_title from the config.")]
 
 
 def _config(path: Path) -> Config:
@@ -39,6 +41,14 @@ def _config(path: Path) -> Config:
         raise typer.Exit(2) from exc
     logs.setup(config.logging.level, config.logging.json_lines)
     return config
+
+
+def _client_config(path: Path) -> Config:
+    """The config for the SCU commands, which also run away from a node's folder: the
+    embedded defaults when the default file is not there."""
+    if path == DEFAULT_CONFIG and not path.exists():
+        return Config()
+    return _config(path)
 
 
 @app.command()
@@ -67,14 +77,14 @@ def _print_banner(cfg: Config) -> None:
 
 
 @app.command()
-def echo(host: str, port: int, aet: AETOption = "AIWORKER",
-         calling_aet: CallingOption = "AIWORKER-SCU") -> None:
+def echo(host: str, port: int, aet: AETOption = "AIWORKER", calling_aet: CallingOption = None,
+         config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Send a C-ECHO to HOST PORT."""
     from aiworker.dispatch.scu import SCUError
     from aiworker.dispatch.scu import echo as c_echo
 
     try:
-        status = c_echo(host, port, aet, calling_aet)
+        status = c_echo(host, port, aet, calling_aet or _client_config(config).node.ae_title)
     except SCUError as exc:
         err.print(f"echo failed: {exc}")
         raise typer.Exit(1) from exc
@@ -84,16 +94,17 @@ def echo(host: str, port: int, aet: AETOption = "AIWORKER",
 
 @app.command()
 def send(path: Path, host: str, port: int, aet: AETOption = "AIWORKER",
-         calling_aet: CallingOption = "AIWORKER-SCU") -> None:
+         calling_aet: CallingOption = None, config: ConfigOption = DEFAULT_CONFIG) -> None:
     """C-STORE a DICOM file, or every file under a folder, to HOST PORT."""
     from aiworker.dispatch.scu import SCUError, dicom_files
     from aiworker.dispatch.scu import send as c_store
 
+    cfg = _client_config(config)
     files = dicom_files(path)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task(f"sending to {aet}", total=len(files))
         try:
-            summary = c_store(files, host, port, aet, calling_aet,
+            summary = c_store(files, host, port, aet, calling_aet or cfg.node.ae_title,
                               progress=lambda _p, _s: bar.advance(task))
         except SCUError as exc:
             err.print(f"send failed: {exc}")
@@ -204,9 +215,7 @@ def phantom(out_dir: Path, seed: Annotated[int, typer.Option(help="Random seed."
     """Write a synthetic 3-series MR study (sagittal, coronal, axial) to OUT_DIR."""
     from aiworker.phantom.simple import DEFAULT_SERIES, write_study
 
-    series = tuple(
-        type(s)(s.plane, slices, size, size, s.description) for s in DEFAULT_SERIES
-    )
+    series = tuple(replace(s, slices=slices, rows=size, columns=size) for s in DEFAULT_SERIES)
     paths = write_study(out_dir, series, seed=seed)
     console.print(f"wrote {len(paths)} instances in {len(series)} series to {out_dir}")
 
