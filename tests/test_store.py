@@ -357,3 +357,14 @@ def test_reconcile_quarantines_file_whose_name_does_not_match_header(
         assert not wrong.exists()
     finally:
         db.close()
+
+
+def test_instance_resent_in_another_series_supersedes_the_first_file(db: StateDB) -> None:
+    first = db.record_instance(record("1.1", "9.9", at=100.0, path=Path("/spool/a/9.9.dcm")))
+    assert first.superseded is None
+    again = db.record_instance(record("1.2", "9.9", at=101.0, path=Path("/spool/b/9.9.dcm")))
+    assert again.superseded == "/spool/a/9.9.dcm"
+    assert series_row(db, "1.1")["instance_count"] == 0
+    assert series_row(db, "1.2")["instance_count"] == 1
+    same = db.record_instance(record("1.2", "9.9", at=102.0, path=Path("/spool/b/9.9.dcm")))
+    assert same.superseded is None and not same.new

@@ -277,6 +277,8 @@ class Receiver:
             recorded = self.db.record_instance(record)
         except Exception as exc:
             raise StoreRefused(DB_FAILED, f"state DB error: {type(exc).__name__}") from exc
+        if recorded.superseded:  # the same SOP Instance UID was sent in another series before
+            Path(recorded.superseded).unlink(missing_ok=True)
         if recorded.reopened:
             log.info("late arrival re-opens series %s", record.series_uid)
         if recorded.completed:

@@ -105,6 +105,7 @@ class Recorded:
     new: bool  # False when the SOP Instance UID was already stored (a resend)
     reopened: bool  # the series had been complete: a late arrival
     completed: bool  # this instance completed the series by its expected count
+    superseded: str | None = None  # the file of the same SOP Instance UID at another path
 
 
 class StateDB:
@@ -172,8 +173,9 @@ class StateDB:
             if completed:
                 _complete_series(cur, rec.series_uid, rec.study_uid, rec.received_at,
                                  "expected_count", instances=count, frames=frames)
+        moved = old is not None and old["path"] != str(rec.path)
         return Recorded(new=old is None or old["state"] != STORED, reopened=reopened,
-                        completed=completed)
+                        completed=completed, superseded=old["path"] if moved else None)
 
     def complete_idle(self, now: float, stable_seconds: float) -> list[str]:
         """Complete series (and studies) that received nothing for ``stable_seconds``.
