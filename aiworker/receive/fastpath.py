@@ -28,9 +28,10 @@ is freed, so the next one is page-faulted in afresh (~80 faults a 512x512 image)
 :func:`install` raises that threshold so such buffers are reused.
 
 It also sets TCP_NODELAY on every association socket and re-arms Linux TCP_QUICKACK after
-each PDU read and send (sending puts Linux back into delayed-ACK mode): senders that leave
+each PDU it sends (sending puts Linux back into delayed-ACK mode): senders that leave
 Nagle's algorithm on (dcmtk's default) otherwise stall ~40 ms per C-STORE waiting for our
-delayed ACK.
+delayed ACK. (Re-arming it after every PDU read as well costs ~10 % of throughput and
+changes nothing measurable.)
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class WakingDUL(DULServiceProvider):
                 pass
 
     def _read_pdu_data(self) -> None:
+        if not self._tuned:
+            self._tune_socket()
         super()._read_pdu_data()
-        self._tune_socket()
 
     def _send(self, pdu: Any) -> None:
         super()._send(pdu)
