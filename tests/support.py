@@ -27,6 +27,8 @@ import pydicom
 import pytest
 import yaml
 
+from aiworker.store.layout import DataPaths
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config" / "aiworker.yaml"
 BIN = Path(sys.executable).parent
@@ -312,11 +314,11 @@ class NodeProcess:
 
     @property
     def db_path(self) -> Path:
-        return self.data_dir / "state.db"
+        return DataPaths(self.data_dir).db
 
     @property
     def spool(self) -> Path:
-        return self.data_dir / "spool"
+        return DataPaths(self.data_dir).spool
 
     def db(self) -> Any:
         """An :class:`aiworker.store.db.StateDB` on the node's state DB (closed at teardown)."""

@@ -66,13 +66,14 @@ def reconcile(spool: Spool, db: StateDB, quarantine: Path) -> ReconcileReport:
 def _index_file(path: Path, db: StateDB) -> bool:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stat = path.stat()
         record = InstanceRecord.from_dataset(
             ds,
             path=path,
-            size=path.stat().st_size,
+            size=stat.st_size,
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
             calling_ae="",
-            received_at=path.stat().st_mtime,
+            received_at=stat.st_mtime,
         )
     except Exception as exc:  # any unreadable file is quarantined, whatever the reason
         log.error("reconcile: cannot index %s: %s", path.name, type(exc).__name__)

@@ -1,10 +1,10 @@
 """The spool: every received instance as a file, written so that a crash never leaves half a file.
 
 Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
-A file is first written under a temporary name (``.<random>.tmp``, in ``.incoming/`` or in
-its series folder), fsynced, then renamed into place and the folder fsynced, so a ``*.dcm``
-name always holds a whole file. Readers only ever look at ``*.dcm``; leftover ``*.tmp``
-files are removed by the start-up reconcile.
+A file is first written under a temporary name (``.incoming/.<random>.tmp``), fsynced, then
+renamed into place and the folder fsynced, so a ``*.dcm`` name always holds a whole file.
+Readers only ever look at ``*.dcm``; leftover ``.*.tmp`` files, in ``.incoming/`` or stray
+in a series folder, are removed by the start-up reconcile.
 """
 
 from __future__ import annotations
