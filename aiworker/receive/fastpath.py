@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import queue
 import select
 import socket
@@ -45,16 +46,24 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dsutils as _dsutils
 from pynetdicom import dul as _dul
+from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -70,6 +79,28 @@ class _WakingQueue(queue.Queue):
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
         self._wake()
+
+
+class _ServingQueue(queue.Queue):
+    """An acceptor's DIMSE message queue that serves C-STORE requests on arrival.
+
+    pynetdicom's DUL thread puts each whole DIMSE message on this queue for the association
+    thread to serve. A C-STORE request put by the DUL thread is served right there instead
+    (its response is queued for that same thread to send next), which saves two hand-offs
+    between threads, ~0.15 ms an image; every other message is queued as before.
+    """
+
+    def __init__(self, assoc: Association):
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        context_id, primitive = item
+        if (isinstance(primitive, C_STORE) and primitive.Status is None
+                and threading.current_thread() is self._assoc.dul):
+            self._assoc._serve_request(primitive, context_id)
+            return
+        super().put(item, block, timeout)
 
 
 class WakingDUL(DULServiceProvider):
@@ -131,6 +162,8 @@ class WakingDUL(DULServiceProvider):
             pass  # the peer already closed; nothing to tune
 
     def run_reactor(self) -> None:
+        if self.assoc.is_acceptor:
+            self.assoc.dimse.msg_queue = _ServingQueue(self.assoc)
         try:
             super().run_reactor()
         finally:
@@ -169,11 +202,16 @@ _TEXT_PADDING = {"UI": b"\x00", "AE": b" ", "LO": b" ", "SH": b" ", "CS": b" ", 
 def encode_command_set(ds: Dataset) -> bytes | None:
     """A DIMSE command set in implicit VR little endian (PS3.7 6.3.1), or None if ``ds`` has
     anything but group 0000 elements of the simple VRs command sets use."""
+    if any(tag >> 16 for tag in ds.keys()):
+        return None
+    return _encode_elements((element.tag, element.VR, element.value) for element in ds)
+
+
+def _encode_elements(elements: Iterable[tuple[int, str, Any]]) -> bytes | None:
+    """Encode (tag, VR, value) triples, in the order given, as implicit VR little endian
+    elements; None if a VR is not one command sets use."""
     parts = []
-    for element in ds:
-        tag, vr, value = element.tag, element.VR, element.value
-        if tag >> 16 != 0:
-            return None
+    for tag, vr, value in elements:
         values = [] if value is None or value == "" else (
             list(value) if isinstance(value, MultiValue | list) else [value])
         if vr in _INTEGER_FORMATS:
@@ -188,6 +226,115 @@ def encode_command_set(ds: Dataset) -> bytes | None:
             return None
         parts.append(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(data)) + data)
     return b"".join(parts)
+
+
+_COMMAND_FIELDS = {name: field for field, (name, _cls) in _dimse_messages._MESSAGE_TYPES.items()}
+_SET_BY_MESSAGE = ("CommandGroupLength", "CommandField", "CommandDataSetType")
+NO_DATA_SET = 0x0101
+
+
+@functools.cache
+def _command_element(keyword: str) -> tuple[int, str]:
+    """The tag and VR of a command set keyword."""
+    tag = tag_for_keyword(keyword)
+    return tag, dictionary_VR(tag)
+
+
+def encode_message_without_data_set(primitive: Any) -> bytes | None:
+    """The command set of a DIMSE message that has no data set (every response the node
+    sends), encoded straight from its primitive as pynetdicom would encode it; None for
+    anything else."""
+    by_class = _RQ_TO_MESSAGE if primitive.MessageIDBeingRespondedTo is None else _RSP_TO_MESSAGE
+    message = by_class.get(type(primitive))
+    if message is None or getattr(primitive, "_dataset_path", None):
+        return None
+    data_set_keyword = _dimse_messages._DATASET_KEYWORDS.get(message.__name__)
+    if data_set_keyword and getattr(primitive, data_set_keyword, None):
+        return None
+    name = message.__name__.replace("_", "-")
+    elements = [(0x00000100, "US", _COMMAND_FIELDS[name]), (0x00000800, "US", NO_DATA_SET)]
+    for keyword in _dimse_messages._COMMAND_SET_KEYWORDS[name]:
+        value = None if keyword in _SET_BY_MESSAGE else getattr(primitive, keyword, None)
+        if value is not None:
+            elements.append((*_command_element(keyword), value))
+    body = _encode_elements(sorted(elements))
+    if body is None:
+        return None
+    return _encode_elements([(0x00000000, "UL", len(body))]) + body
+
+
+_original_send_msg = DIMSEServiceProvider.send_msg
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """``DIMSEServiceProvider.send_msg``; a message without a data set that fits one PDU is
+    encoded directly (pynetdicom builds, fills and walks a pydicom data set for it, a fifth
+    of a millisecond per response)."""
+    encoded = None
+    if not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        encoded = encode_message_without_data_set(primitive)
+    limit = self.maximum_pdu_size
+    if encoded is None or (limit and len(encoded) > limit - 6):
+        _original_send_msg(self, primitive, context_id)
+        return
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+    self.dul.send_pdu(pdata)
+
+
+class _Unusual(Exception):
+    """A command set value the direct decoder leaves to pydicom."""
+
+
+def _decode_raw(vr: str, raw: bytes) -> Any:
+    """A command set element's value from its implicit VR little endian bytes."""
+    if not raw:
+        return None
+    if vr in _INTEGER_FORMATS and len(raw) == struct.calcsize(_INTEGER_FORMATS[vr]):
+        return struct.unpack(_INTEGER_FORMATS[vr], raw)[0]
+    if vr in _TEXT_PADDING and b"\\" not in raw:
+        try:
+            return raw.decode("ascii").rstrip(" \x00")
+        except UnicodeDecodeError:
+            pass
+    raise _Unusual(vr)
+
+
+@functools.cache
+def _command_keyword(tag: int) -> tuple[str, str]:
+    """The keyword and VR of a command set tag."""
+    return keyword_for_tag(tag), dictionary_VR(tag)
+
+
+_original_message_to_primitive = DIMSEMessage.message_to_primitive
+
+
+def _message_to_primitive(self: DIMSEMessage) -> Any:
+    """``DIMSEMessage.message_to_primitive``, reading the command set's values straight from
+    their bytes (pydicom's conversion of each element costs ~0.1 ms a message); anything
+    unusual (multiple values, non-ASCII text, unknown tags) goes the original way."""
+    name = type(self).__name__
+    primitive = _dimse_messages._MSG_TO_PRIMITVE[name[: name.rfind("_R")]]()
+    try:
+        for tag, element in self.command_set._dict.items():
+            keyword, vr = _command_keyword(tag)
+            if not isinstance(element, RawDataElement):
+                if element.VM > 1:
+                    raise _Unusual(keyword)
+                value = element.value
+            else:
+                value = _decode_raw(vr, element.value)
+            if keyword and hasattr(primitive, keyword):
+                setattr(primitive, keyword, value)
+    except (_Unusual, KeyError):
+        return _original_message_to_primitive(self)
+    data_set_keyword = _dimse_messages._DATASET_KEYWORDS.get(name)
+    if data_set_keyword:
+        setattr(primitive, data_set_keyword, self.data_set)
+    primitive._context_id = self.context_id
+    primitive._dataset_path = self._data_set_path
+    primitive._dataset_file = self._data_set_file
+    return primitive
 
 
 def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
@@ -251,5 +398,7 @@ def install() -> None:
     _dul.time = _ReactorTime()  # type: ignore[assignment]
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
     _dimse_messages.encode = _encode  # type: ignore[assignment]
+    DIMSEMessage.message_to_primitive = _message_to_primitive  # type: ignore[method-assign]
+    DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     _reuse_large_buffers()
     _installed = True
