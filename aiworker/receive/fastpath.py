@@ -18,10 +18,15 @@ pynetdicom also reads each PDU from the socket in 4 KiB pieces (``AssociationSoc
 some 130 system calls and Python loops for one 512x512 image; :func:`install` has it read
 into one buffer of the PDU's size instead.
 
-Each DIMSE message's command set is encoded by pydicom's general writer twice (once to
-learn the group length, once to send), a quarter of a millisecond each; command sets hold
-a dozen plain elements, so :func:`encode_command_set` encodes them directly (falling back to
-pydicom for anything else).
+A C-STORE request is served on the DUL thread that assembled it rather than handed to
+the association thread and back (:class:`_ServingQueue`): two thread hand-offs fewer.
+
+Command sets hold a dozen plain elements, but pynetdicom moves each through a pydicom data
+set: built, filled, walked and encoded for every response, converted element by element
+for every request, some 0.3 ms a C-STORE. Responses without a data set are encoded straight
+from their primitive (:func:`encode_message_without_data_set`), requests' command sets are
+read straight from their bytes (:func:`_message_to_primitive`), and any other command set
+is encoded directly (:func:`encode_command_set`); anything unusual falls back to pydicom.
 
 glibc hands each buffer over 128 KiB (every received data set) back to the kernel when it
 is freed, so the next one is page-faulted in afresh (~80 faults a 512x512 image);
