@@ -82,6 +82,17 @@ class Completion(_Section):
     series_stable_seconds: float = Field(10.0, gt=0)
 
 
+class Selection(_Section):
+    """How series features are derived; the rules themselves are each pipeline's rule file."""
+
+    oblique_above_deg: float = Field(30.0, gt=0, le=90,
+                                     description="beyond this angle to the nearest axis, "
+                                                 "a series' plane is 'oblique'")
+    spacing_tolerance: float = Field(0.1, gt=0, lt=1,
+                                     description="fraction of the usual slice step a step "
+                                                 "may differ by before spacing is non-uniform")
+
+
 class DicomDestination(_Section):
     kind: Literal["dicom"]
     host: str
@@ -135,6 +146,7 @@ class Config(_Section):
     node: Node = Node()
     storage: Storage = Storage()
     completion: Completion = Completion()
+    selection: Selection = Selection()
     destinations: dict[str, Destination] = {}
     pipelines: list[Pipeline] = []
     web: Web = Web()
