@@ -1,4 +1,4 @@
-"""The ``aiworker`` command line: serve, echo, send, status, phantom.
+"""The ``aiworker`` command line: serve, echo, send, status, select, phantom.
 
 Every command but ``phantom`` takes ``--config FILE`` (default ``config/aiworker.yaml``). A
 bad config stops the command with one line per problem and exit code 2.
@@ -7,7 +7,9 @@ bad config stops the command with one line per problem and exit code 2.
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,7 +133,9 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
     db = StateDB(db_path) if db_path.exists() else None
     studies = db.studies() if db else []
     recent = db.events(PROBLEM_EVENTS, limit=problems) if db else []
-    report = {"studies": [_study_json(s) for s in studies],
+    selections = db.selections() if db else []
+    jobs = db.jobs() if db else []
+    report = {"studies": [_study_json(s, selections, jobs) for s in studies],
               "problems": [_problem_json(e) for e in recent]}
     if as_json:
         print(json.dumps(report, indent=2))
@@ -139,13 +143,7 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
     if not studies:
         console.print(f"no studies received yet (state DB: {db_path})")
     for study in report["studies"]:
-        table = Table(title=f"study {study['study_uid']}  [{study['state']}]", title_justify="left")
-        for column in ("#", "modality", "description", "instances", "state", "closed by"):
-            table.add_column(column)
-        for s in study["series"]:
-            table.add_row(str(s["series_number"] or ""), s["modality"], s["description"],
-                          str(s["instances"]), s["state"], s["closed_by"] or "")
-        console.print(table)
+        _print_study_status(study)
     if report["problems"]:
         table = Table(title="recent problems (newest first)", title_justify="left")
         for column in ("when", "what", "from", "status", "why"):
@@ -176,8 +174,52 @@ def _when(epoch: float | None) -> str | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
-def _study_json(study: dict[str, Any]) -> dict[str, Any]:
+def _print_study_status(study: dict[str, Any]) -> None:
+    """One study's series table, with each series' verdict per pipeline role, then each
+    pipeline's decision on one line."""
+    table = Table(title=f"study {study['study_uid']}  [{study['state']}]", title_justify="left")
+    verdict_keys = sorted({key for s in study["series"] for key in s["selection"]})
+    for column in ("#", "modality", "description", "instances", "state", "closed by",
+                   *verdict_keys):
+        table.add_column(column, overflow="fold")
+    for s in study["series"]:
+        verdicts = [s["selection"].get(key) for key in verdict_keys]
+        table.add_row(str(s["series_number"] or ""), s["modality"], s["description"],
+                      str(s["instances"]), s["state"], s["closed_by"] or "",
+                      *(_verdict_cell(v) for v in verdicts))
+    console.print(table)
+    for pipeline, decision in study["selection"].items():
+        console.print(f"  {pipeline}: {_decision_line(decision, study)}", highlight=False)
+
+
+def _verdict_cell(verdict: dict[str, Any] | None) -> str:
+    """A series' verdict in the status table: chosen, a match not preferred, or why not."""
+    if verdict is None:
+        return ""
+    if not verdict["matched"]:
+        return verdict["reason"]
+    return "chosen" if verdict["reason"].startswith("chosen") else "matches, not preferred"
+
+
+def _decision_line(decision: dict[str, Any], study: dict[str, Any]) -> str:
+    """A pipeline's decision in words: the job and chosen series, or why there is none."""
+    if not decision["matched"]:
+        return f"no match: {decision['reason']}"
+    labels = {s["series_uid"]: f"series {s['series_number']}"
+              + (f" '{s['description']}'" if s["description"] else "")
+              for s in study["series"]}
+    chosen = ", ".join(f"{role}: {labels.get(uid, uid)}"
+                       for role, uid in decision["chosen"].items())
+    current = [j for j in decision["jobs"] if j["state"] != "superseded"]
+    jobs = ", ".join(f"job {j['job_id'][:8]} {j['state']}" for j in current) or "no job"
+    return f"{jobs} ({chosen})"
+
+
+def _study_json(study: dict[str, Any], selections: list[dict[str, Any]],
+                jobs: list[dict[str, Any]]) -> dict[str, Any]:
     """The stable ``status --json`` shape of one study (documented in the README)."""
+    decisions = {d["pipeline"]: d for d in selections if d["study_uid"] == study["study_uid"]}
+    verdicts, features = _series_explanations(decisions.values())
     return {
         "study_uid": study["study_uid"],
         "state": study["state"],
@@ -202,10 +244,218 @@ def _study_json(study: dict[str, Any]) -> dict[str, Any]:
                 "first_received": _when(s["first_received"]),
                 "last_received": _when(s["last_received"]),
                 "completed_at": _when(s["completed_at"]),
+                "features": features.get(s["series_uid"]),
+                "selection": verdicts.get(s["series_uid"], {}),
             }
             for s in study["series"]
         ],
+        "selection": {
+            pipeline: _selection_json(decision, [j for j in jobs if j["pipeline"] == pipeline
+                                                 and j["study_uid"] == study["study_uid"]])
+            for pipeline, decision in sorted(decisions.items())
+        },
     }
+
+
+def _series_explanations(decisions: Any) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Series UID -> its verdicts (``pipeline/role`` -> matched, reason), and -> its
+    features, from the stored decisions of a study."""
+    verdicts: dict[str, dict] = {}
+    features: dict[str, dict] = {}
+    for decision in decisions:
+        for series in decision["explanation"].get("series", []):
+            verdicts.setdefault(series["series_uid"], {}).update(series["verdicts"])
+            features[series["series_uid"]] = series["features"]
+    return verdicts, features
+
+
+def _selection_json(decision: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stable ``status --json`` shape of one pipeline's decision on a study."""
+    explanation = decision["explanation"]
+    return {
+        "decided_at": _when(decision["decided_at"]),
+        "matched": decision["matched"],
+        "chosen": explanation.get("chosen", {}),
+        "reason": explanation.get("reason"),
+        "rules": explanation.get("rules"),
+        "jobs": [
+            {"job_id": j["job_id"], "job_key": j["job_key"], "state": j["state"],
+             "model": j["model"], "series_uid": j["series_uid"], "inputs": j["inputs"],
+             "created_at": _when(j["created_at"]), "updated_at": _when(j["updated_at"])}
+            for j in jobs
+        ],
+    }
+
+
+RulesOption = Annotated[list[Path] | None, typer.Option(
+    "--rules", help="A rule file (repeatable); default: the configured pipelines' rule files.")]
+PipelineOption = Annotated[str | None, typer.Option(
+    "--pipeline", help="The pipeline a --rules file stands for; default: the configured "
+                       "pipeline, when there is one, else the file's name.")]
+
+
+@app.command()
+def select(
+    path: Annotated[Path | None, typer.Argument(
+        help="A folder of DICOM files (any nesting), or a spooled study folder.")] = None,
+    rules: RulesOption = None,
+    pipeline: PipelineOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    replay: Annotated[bool, typer.Option(
+        "--replay", help="Run the rules over the studies in the spool and list what would "
+                         "now be selected differently; creates no jobs.")] = False,
+    since: Annotated[str | None, typer.Option(
+        help="With --replay: only studies completed within this long (30m, 12h, 7d, 2w).")
+    ] = None,
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Dry-run series selection: each study's series, features, verdicts and choice."""
+    from aiworker.select.decide import decide, feature_settings
+    from aiworker.select.headers import scan_folder
+
+    since_s = _since(since)
+    cfg = _select_config(config)
+    pipelines = _select_pipelines(cfg, rules, pipeline)
+    if replay:
+        _replay(cfg, pipelines, since_s, as_json)
+        return
+    if path is None:
+        err.print("select needs PATH (a folder of DICOM files), or --replay")
+        raise typer.Exit(2)
+    if not path.exists():
+        err.print(f"no such file or folder: {path}")
+        raise typer.Exit(2)
+    studies, skipped = scan_folder(path)
+    decisions = [decide(study, pipelines, feature_settings(cfg)) for study in studies]
+    if as_json:
+        print(json.dumps([d.as_dict() for d in decisions], indent=2))
+    else:
+        for decision in decisions:
+            _print_decision(decision)
+        if skipped:
+            console.print(f"skipped {skipped} files that are not DICOM")
+    if not studies:
+        err.print(f"no DICOM series found under {path}")
+        raise typer.Exit(1)
+
+
+def _select_config(path: Path) -> Config:
+    """The config ``select`` works with; away from a node's folder, the bundled defaults."""
+    from aiworker.select.rules import INSTALL_ROOT
+
+    if path == DEFAULT_CONFIG and not path.exists() and (INSTALL_ROOT / DEFAULT_CONFIG).exists():
+        path = INSTALL_ROOT / DEFAULT_CONFIG
+    return _client_config(path)
+
+
+def _select_pipelines(cfg: Config, rules: list[Path] | None, name: str | None) -> list[Any]:
+    """The configured pipelines, or one per ``--rules`` file (named as --pipeline says)."""
+    from aiworker.select.decide import Pipeline, configured_pipelines
+    from aiworker.select.rules import RuleError, load_rules
+
+    try:
+        if not rules:
+            pipelines = configured_pipelines(cfg)
+        else:
+            models = {p.name: p.model for p in cfg.pipelines}
+            names = [name or (cfg.pipelines[0].name if len(cfg.pipelines) == 1 else file.stem)
+                     for file in rules]
+            pipelines = [Pipeline(n, models.get(n, ""), load_rules(file))
+                         for n, file in zip(names, rules, strict=True)]
+    except RuleError as exc:
+        for line in exc.problems:
+            print(f"rules error: {line}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    if not pipelines:
+        err.print("no pipelines configured: pass --rules FILE")
+        raise typer.Exit(2)
+    return pipelines
+
+
+def _since(text: str | None) -> float | None:
+    """``--since`` as seconds: a number with a unit, s, m, h, d or w."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if not match:
+        raise typer.BadParameter("use a number and a unit: 30m, 12h, 7d, 2w", param_hint="--since")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def _print_decision(decision: Any) -> None:
+    """One study's dry run: a table of series, features and verdicts, then the choice."""
+    from aiworker.select.decide import describe_series
+
+    keys = sorted({key for s in decision.series for key in s.verdicts})
+    table = Table(title=f"study {decision.study_uid}", title_justify="left")
+    for column in ("#", "description", "plane", "weighting", "FS", "slices"):
+        table.add_column(column, no_wrap=True)
+    for key in keys:
+        table.add_column(key, overflow="fold", ratio=1)
+    for s in decision.series:
+        f = s.features
+        table.add_row(str(f.series_number or ""), s.description, f.plane, f.weighting,
+                      "yes" if f.fat_suppressed else "no", str(f.slice_count),
+                      *(s.verdicts[k].reason for k in keys))
+    console.print(table)
+    for pipeline, roles in decision.chosen.items():
+        if decision.matched(pipeline):
+            chosen = ", ".join(f"{role}: {describe_series(decision, uid)}"
+                               for role, uid in roles.items())
+            console.print(f"  {pipeline}: {chosen}", highlight=False)
+        else:
+            console.print(f"  {pipeline}: no match: {decision.reason(pipeline)}", highlight=False)
+
+
+def _replay(cfg: Config, pipelines: list[Any], since_s: float | None, as_json: bool) -> None:
+    """Apply ``pipelines`` to the complete studies in the spool; list the differences with
+    the recorded decisions. Reads the state DB, never writes a decision or a job."""
+    from aiworker.select.decide import (
+        changes,
+        decide,
+        describe_series,
+        feature_settings,
+        study_headers_from_paths,
+    )
+    from aiworker.store.db import COMPLETE, StateDB
+    from aiworker.store.layout import DataPaths
+
+    db_path = DataPaths(cfg.storage.data_dir).db
+    if not db_path.exists():
+        err.print(f"no state DB at {db_path}: nothing to replay")
+        raise typer.Exit(1)
+    db = StateDB(db_path)
+    cutoff = None if since_s is None else time.time() - since_s
+    studies = [s for s in db.studies() if s["state"] == COMPLETE
+               and (cutoff is None or (s["completed_at"] or 0) >= cutoff)]
+    stored = {(d["study_uid"], d["pipeline"]): d["explanation"] for d in db.selections()}
+    found = []  # (change, the series before, the series after), as a table names them
+    for study in studies:
+        headers = study_headers_from_paths(study["study_uid"],
+                                           db.study_instance_paths(study["study_uid"]))
+        decision = decide(headers, pipelines, feature_settings(cfg))
+        for p in pipelines:
+            for change in changes(stored.get((study["study_uid"], p.name)), decision, p.name):
+                found.append((change, describe_series(decision, change.before),
+                              describe_series(decision, change.after)))
+    db.close()
+    if as_json:
+        print(json.dumps({"studies_checked": len(studies),
+                          "changes": [c.as_dict() for c, _, _ in found]}, indent=2))
+        return
+    rule_files = ", ".join(p.rules.source for p in pipelines)
+    console.print(f"{len(studies)} complete studies checked with {rule_files}: "
+                  f"{len(found)} selections would change", highlight=False)
+    if found:
+        table = Table(title="would now be selected differently", title_justify="left")
+        for column in ("study", "pipeline/role", "before", "after", "why"):
+            table.add_column(column, overflow="fold")
+        for change, before, after in found:
+            table.add_row(change.study_uid, f"{change.pipeline}/{change.role}",
+                          before if change.recorded else "(no decision recorded)", after,
+                          change.why)
+        console.print(table)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The running node: opens the store, reconciles it, starts the completion scheduler and the SCP.
+"""The running node: opens the store, reconciles it, starts the completion scheduler, the
+select stage and the SCP.
 
 ``aiworker serve`` is :func:`serve`; tests and benchmarks start it the same way, as a
 subprocess, so what they exercise is what operators run.
@@ -15,6 +16,9 @@ from collections.abc import Callable
 from aiworker.config import Config
 from aiworker.receive.processes import ReceiverProcesses
 from aiworker.receive.scp import Receiver
+from aiworker.select.decide import configured_pipelines, feature_settings
+from aiworker.select.rules import RuleError
+from aiworker.select.worker import SelectionWorker
 from aiworker.store.completion import CompletionScheduler
 from aiworker.store.db import StateDB
 from aiworker.store.layout import DataPaths
@@ -28,11 +32,14 @@ class Node:
     """All the node's long-running parts, started and stopped together."""
 
     def __init__(self, config: Config):
+        """Raises RuleError when a pipeline's rule file is missing or wrong."""
         self.config = config
+        pipelines = configured_pipelines(config)
         self.paths = DataPaths(config.storage.data_dir)
         self.spool = Spool(self.paths.spool, fsync=config.storage.fsync)
         self.db = StateDB(self.paths.db)
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
+        self.selector = SelectionWorker(self.db, pipelines, feature_settings(config))
         self.receiver: Receiver | ReceiverProcesses
         if config.node.receive_processes > 1:
             self.receiver = ReceiverProcesses(config)
@@ -43,11 +50,13 @@ class Node:
         report = reconcile(self.spool, self.db, self.paths.quarantine)
         log.info("reconcile: %s", report)
         self.scheduler.start()
+        self.selector.start()
         self.receiver.start()
 
     def stop(self) -> None:
         self.receiver.stop()
         self.scheduler.stop()
+        self.selector.stop()
         self.db.close()
 
 
@@ -59,6 +68,10 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
         signal.signal(sig, lambda *_: stopping.set())
     try:
         node = Node(config)
+    except RuleError as exc:
+        for line in exc.problems:
+            log.error("rules error: %s", line)
+        raise SystemExit(2) from exc
     except (OSError, sqlite3.Error) as exc:
         log.error("cannot open the data dir %s: %s", config.storage.data_dir, exc)
         raise SystemExit(1) from exc

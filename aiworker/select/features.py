@@ -32,7 +32,7 @@ with its basis (``SeriesFeatures.basis``): the evidence, in words, that rule ver
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from aiworker.select import geometry
@@ -176,6 +176,10 @@ def compute_features(series: SeriesHeaders, settings: FeatureSettings = DEFAULT_
     image_planes = frames(series.instances)
     plane = geometry.series_plane(image_planes, settings.oblique_above_deg)
     stack = geometry.check_stacks(image_planes, settings.spacing_tolerance)
+    if series.unreadable:
+        total = series.unreadable + len(series.instances)
+        stack = replace(stack, consistent=False,
+                        basis=f"{series.unreadable} of {total} files are not readable DICOM")
     acquisition = _Acquisition.of(series)
     image_type = [str(v).upper() for v in as_list(lookup(ds, "ImageType"))]
     words = description_words(ds)

@@ -12,14 +12,24 @@ the record of what was received; the DB is the index of it.
 States: a series and a study are ``receiving`` or ``complete``; an instance is ``stored`` or
 ``missing`` (its file vanished). ``series.closed_by`` says which rule completed a series:
 ``expected_count`` (as many frames as the header announced) or ``idle_timer``.
+
+Selection: ``selections`` keeps, per study and pipeline, the latest decision (its JSON
+explanation) and the completion it answered (``completed_at``); a study that re-opens and
+completes again lacks a decision for its new completion and is selected again. A match
+adds a ``jobs`` row in state ``queued``; its ``job_key`` is derived from the study, the
+chosen series and the model (:func:`job_key`), so selecting the same series for the same
+model again finds the same job instead of adding one. A queued job that a newer decision
+no longer wants becomes ``superseded``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +96,29 @@ CREATE TABLE IF NOT EXISTS events (
     detail     TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind);
+CREATE TABLE IF NOT EXISTS selections (
+    study_uid    TEXT NOT NULL,
+    pipeline     TEXT NOT NULL,
+    completed_at REAL NOT NULL,
+    decided_at   REAL NOT NULL,
+    matched      INTEGER NOT NULL,
+    explanation  TEXT NOT NULL,
+    PRIMARY KEY (study_uid, pipeline)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id     TEXT PRIMARY KEY,
+    job_key    TEXT NOT NULL UNIQUE,
+    pipeline   TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    study_uid  TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    inputs     TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 """
 
 # Events an operator must see: something was refused, lost or repaired.
@@ -96,6 +129,43 @@ RECEIVING = "receiving"
 COMPLETE = "complete"
 STORED = "stored"
 MISSING = "missing"
+QUEUED = "queued"
+SUPERSEDED = "superseded"
+
+
+def job_key(study_uid: str, inputs: dict[str, str], model: str) -> str:
+    """The identity of a job: the same study, series (by role) and model give the same key,
+    and every result the job produces derives its UIDs from it."""
+    roles = ",".join(f"{role}={uid}" for role, uid in sorted(inputs.items()))
+    return hashlib.sha256(f"{study_uid}|{roles}|{model}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job a selection asks for: run ``model`` of ``pipeline`` on the chosen series."""
+
+    pipeline: str
+    model: str
+    study_uid: str
+    inputs: dict[str, str]  # role -> series UID
+
+    @property
+    def key(self) -> str:
+        return job_key(self.study_uid, self.inputs, self.model)
+
+    @property
+    def series_uid(self) -> str:
+        """The series of the first role: the one a job is listed under."""
+        return next(iter(self.inputs.values()))
+
+
+@dataclass(frozen=True)
+class SelectionRecord:
+    """What recording a decision did."""
+
+    job_id: str | None  # the job of a match (new or already there)
+    job_created: bool  # False when the same job_key was queued before (a re-selection)
+    superseded: list[str]  # queued jobs of the study and pipeline no longer wanted
 
 
 @dataclass(frozen=True)
@@ -213,6 +283,85 @@ class StateDB:
         """Record something that happened (an error, a rejection) for the dashboard and CLI."""
         with self._transaction() as cur:
             _event(cur, kind, study_uid, series_uid, sop_uid, **detail)
+
+    # --- selection ---------------------------------------------------------------------
+
+    def awaiting_selection(self, pipelines: list[str]) -> list[tuple[str, float, list[str]]]:
+        """Complete studies that lack a decision of some pipeline for their latest
+        completion: (study UID, completed_at, the pipelines that owe one), oldest first."""
+        waiting: dict[str, tuple[float, list[str]]] = {}
+        for pipeline in pipelines:
+            rows = self._query(
+                "SELECT study_uid, completed_at FROM studies s WHERE state = ?"
+                " AND NOT EXISTS (SELECT 1 FROM selections x WHERE x.study_uid = s.study_uid"
+                " AND x.pipeline = ? AND x.completed_at = s.completed_at)"
+                " ORDER BY completed_at", (COMPLETE, pipeline))
+            for row in rows:
+                waiting.setdefault(row["study_uid"], (row["completed_at"], []))[1].append(pipeline)
+        return sorted(((uid, at, names) for uid, (at, names) in waiting.items()),
+                      key=lambda item: item[1])
+
+    def study_instance_paths(self, study_uid: str) -> dict[str, list[str]]:
+        """Series UID -> the paths of its stored instances, for a study."""
+        rows = self._query("SELECT series_uid, path FROM instances WHERE study_uid = ?"
+                           " AND state = ? ORDER BY series_uid, received_at", (study_uid, STORED))
+        paths: dict[str, list[str]] = {}
+        for row in rows:
+            paths.setdefault(row["series_uid"], []).append(row["path"])
+        return paths
+
+    def record_selection(self, study_uid: str, completed_at: float, pipeline: str,
+                         explanation: dict[str, Any], job: NewJob | None
+                         ) -> SelectionRecord | None:
+        """Keep a pipeline's decision on a study and, for a match, its queued job.
+
+        Nothing is written (None is returned) when the study is no longer complete with the
+        completion the decision answered: an instance arrived meanwhile, and the study will
+        be selected again once it completes again.
+        """
+        now = time.time()
+        with self._transaction() as cur:
+            row = cur.execute("SELECT state, completed_at FROM studies WHERE study_uid = ?",
+                              (study_uid,)).fetchone()
+            if row is None or row["state"] != COMPLETE or row["completed_at"] != completed_at:
+                return None
+            cur.execute(
+                "INSERT INTO selections (study_uid, pipeline, completed_at, decided_at, matched,"
+                " explanation) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (study_uid, pipeline) DO UPDATE SET"
+                " completed_at = excluded.completed_at, decided_at = excluded.decided_at,"
+                " matched = excluded.matched, explanation = excluded.explanation",
+                (study_uid, pipeline, completed_at, now, int(job is not None),
+                 json.dumps(explanation)),
+            )
+            job_id, created = _queue_job(cur, job, now) if job else (None, False)
+            superseded = [r["job_id"] for r in cur.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE study_uid = ? AND pipeline = ?"
+                " AND state = ? AND job_key <> ? RETURNING job_id",
+                (SUPERSEDED, now, study_uid, pipeline, QUEUED, job.key if job else ""),
+            ).fetchall()]
+            if job:
+                _event(cur, "selected", study_uid, job.series_uid, None, pipeline=pipeline,
+                       job_id=job_id, job_created=created, chosen=job.inputs,
+                       superseded=superseded)
+            else:
+                _event(cur, "not_selected", study_uid, None, None, pipeline=pipeline,
+                       reason=explanation.get("reason"), superseded=superseded)
+        return SelectionRecord(job_id, created, superseded)
+
+    def selections(self) -> list[dict[str, Any]]:
+        """Every stored decision, its explanation parsed."""
+        rows = self._query("SELECT * FROM selections ORDER BY study_uid, pipeline")
+        return [dict(r, matched=bool(r["matched"]), explanation=json.loads(r["explanation"]))
+                for r in rows]
+
+    def jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs, oldest first; only one study's when ``study_uid`` is given."""
+        sql, params = "SELECT * FROM jobs", ()
+        if study_uid is not None:
+            sql, params = sql + " WHERE study_uid = ?", (study_uid,)
+        rows = self._query(sql + " ORDER BY created_at, job_id", params)
+        return [dict(r, inputs=json.loads(r["inputs"])) for r in rows]
 
     # --- reconcile ---------------------------------------------------------------------
 
@@ -334,6 +483,26 @@ def _complete_series(cur: sqlite3.Cursor, series_uid: str, study_uid: str, at: f
         (COMPLETE, rule, at, series_uid),
     )
     _event(cur, "series_completed", study_uid, series_uid, None, rule=rule, **detail)
+
+
+def _queue_job(cur: sqlite3.Cursor, job: NewJob, now: float) -> tuple[str, bool]:
+    """Queue ``job`` unless its key is there; a superseded job wanted again is re-queued.
+    Returns (job_id, whether a row was added)."""
+    added = cur.execute(
+        "INSERT INTO jobs (job_id, job_key, pipeline, model, study_uid, series_uid, inputs,"
+        " state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (job_key) DO NOTHING RETURNING job_id",
+        (uuid.uuid4().hex, job.key, job.pipeline, job.model, job.study_uid, job.series_uid,
+         json.dumps(job.inputs), QUEUED, now, now),
+    ).fetchone()
+    if added is not None:
+        return added["job_id"], True
+    (job_id,) = cur.execute(
+        "UPDATE jobs SET state = ?, updated_at = ? WHERE job_key = ? AND state = ?"
+        " RETURNING job_id", (QUEUED, now, job.key, SUPERSEDED),
+    ).fetchone() or cur.execute("SELECT job_id FROM jobs WHERE job_key = ?",
+                                (job.key,)).fetchone()
+    return job_id, False
 
 
 def _event(cur: sqlite3.Cursor, kind: str, study_uid: str | None, series_uid: str | None,
