@@ -117,7 +117,14 @@ class WakingDUL(DULServiceProvider):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.to_provider_queue = _WakingQueue(self._poke)
+        self.to_user_queue = _WakingQueue(self._wake_association)
         self._tuned = False
+
+    def _wake_association(self) -> None:
+        """Wake the association thread: a primitive (a release request, say) awaits it."""
+        messages = self.assoc.dimse.msg_queue
+        with messages.not_empty:
+            messages.not_empty.notify_all()
 
     def _poke(self) -> None:
         try:
@@ -176,12 +183,17 @@ class WakingDUL(DULServiceProvider):
             self._wake_w.close()
 
 
-def _wait_for_dimse(assoc: Association, timeout: float) -> None:
-    """Sleep up to ``timeout`` unless a whole DIMSE message is waiting for the association."""
+ASSOCIATION_IDLE_WAIT = 0.02  # s; what is not announced (a dead DUL thread) is seen this late
+
+
+def _wait_for_dimse(assoc: Association) -> None:
+    """Sleep until a DIMSE message or another primitive awaits the association, or
+    :data:`ASSOCIATION_IDLE_WAIT` passes (pynetdicom polls every 1 ms, which costs the
+    receiving thread a few per cent in contention for the interpreter)."""
     messages = assoc.dimse.msg_queue
     with messages.not_empty:
-        if not messages._qsize():
-            messages.not_empty.wait(timeout)
+        if not messages._qsize() and not assoc.dul.to_user_queue.qsize():
+            messages.not_empty.wait(ASSOCIATION_IDLE_WAIT)
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -371,7 +383,7 @@ class _ReactorTime:
         if isinstance(thread, WakingDUL):
             thread.wait(seconds)
         elif isinstance(thread, Association) and thread.is_acceptor and seconds <= 0.001:
-            _wait_for_dimse(thread, seconds)
+            _wait_for_dimse(thread)
         else:
             time.sleep(seconds)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import socket
 import ssl
 import threading
@@ -251,7 +250,7 @@ class Receiver:
         """
         request = event.request
         data = request.DataSet.getbuffer()
-        if shutil.disk_usage(self.spool.root).free - len(data) < self.min_free_bytes:
+        if self.spool.free_bytes() - len(data) < self.min_free_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
         transfer_syntax = UID(event.context.transfer_syntax)
         header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,

@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 TEMP_SUFFIX = ".tmp"
+FREE_SPACE_REFRESH_S = 0.25
 INSTANCE_SUFFIX = ".dcm"
 
 
@@ -38,7 +42,19 @@ class Spool:
         self.root = Path(root)
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._free_bytes = 0
+        self._free_checked_at = -FREE_SPACE_REFRESH_S
+
+    def free_bytes(self) -> int:
+        """Free space on the spool's file system: asked of the system at most every
+        :data:`FREE_SPACE_REFRESH_S`, and reduced in between by what was written here."""
+        now = time.monotonic()
+        if now - self._free_checked_at >= FREE_SPACE_REFRESH_S:
+            self._free_bytes = shutil.disk_usage(self.root).free
+            self._free_checked_at = now
+        return self._free_bytes
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The final path of an instance; raises :class:`InvalidUID` for unusable UIDs."""
@@ -67,21 +83,29 @@ class Spool:
     def write_temporary(self, chunks: Iterable[bytes]) -> tuple[Path, int]:
         """Write ``chunks`` to a new temporary file in ``.incoming/`` (fsynced when fsync is
         on); return its path and size. :meth:`commit` gives it its final name."""
-        self.incoming.mkdir(exist_ok=True)
         temp = self.incoming / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
         size = 0
         try:
-            with open(temp, "wb") as handle:
+            with self._create(temp) as handle:
                 for chunk in chunks:
                     handle.write(chunk)
                     size += len(chunk)
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
+            self._free_bytes -= size
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         return temp, size
+
+    def _create(self, temp: Path) -> BinaryIO:
+        """Open a new temporary file, re-creating ``.incoming/`` if someone removed it."""
+        try:
+            return open(temp, "xb")
+        except FileNotFoundError:
+            self.incoming.mkdir(exist_ok=True)
+            return open(temp, "xb")
 
     def commit(self, temp: Path, path: Path) -> None:
         """Rename a complete (and, with fsync on, fsynced) temporary file to ``path``.
