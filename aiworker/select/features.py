@@ -342,7 +342,7 @@ def _localizer(image_type: list[str], words: list[str], plane: str) -> tuple[boo
     if found:
         return True, f"description says {found}"
     if plane == "mixed":
-        return True, "slices in several planes (tri-planar localizer)"
+        return True, "slices in several planes, as in a tri-planar localizer"
     return False, "no LOCALIZER in ImageType, no localizer name, slices in one plane"
 
 
