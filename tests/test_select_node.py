@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from support import dcmtk, needs_dcmtk, wait_until
 
 from aiworker.phantom.protocol import Overrides
@@ -59,3 +60,19 @@ def test_a_study_without_the_series_is_recorded_as_no_match(node, tmp_path):
     assert decision["reason"] == "role main: none of the 2 series meets its conditions"
     table = node.cli("status", "--config", str(node.config_path)).stdout
     assert "knee: no match: role main: none of the 2 series meets its conditions" in table
+
+
+def test_a_bad_rule_file_stops_the_node_with_one_line_per_problem(node_factory, tmp_path):
+    (tmp_path / "bad.yaml").write_text("roles:\n  main:\n    require:\n"
+                                       "      - {feature: plan, equals: sagittal}\n")
+    node = node_factory(start=False, pipelines=[
+        {"name": "knee", "rules": str(tmp_path / "bad.yaml"), "model": "knee-demo"},
+        {"name": "other", "rules": "missing.yaml", "model": "other"}])
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        node.start()
+    problems = [line.split("rules error: ", 1)[1] for line in node.log_text().splitlines()
+                if "rules error: " in line]
+    assert problems[0].startswith(f"pipelines.0.rules (knee): {tmp_path / 'bad.yaml'}: "
+                                  "roles.main.require[0].feature: unknown feature 'plan'")
+    assert problems[1] == ("pipelines.1.rules (other): missing.yaml: cannot read the rule file: "
+                           "No such file or directory")

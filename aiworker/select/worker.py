@@ -35,6 +35,9 @@ class SelectionWorker:
         self._thread = threading.Thread(target=self._run, name="select", daemon=True)
 
     def start(self) -> None:
+        for pipeline in self.pipelines:
+            log.info("pipeline %s: model %s, rules %s (sha256 %s)", pipeline.name,
+                     pipeline.model, pipeline.rules.source, pipeline.rules.sha256[:12])
         self._thread.start()
 
     def stop(self) -> None:
