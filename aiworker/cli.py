@@ -10,10 +10,11 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +23,9 @@ from rich.table import Table
 
 from aiworker import logs
 from aiworker.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # the commands import their stages lazily, to start fast
+    from aiworker.select.decide import Pipeline, StudyDecision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="aiworker: DICOM network AI node for knee MRI.")
@@ -257,7 +261,8 @@ def _study_json(study: dict[str, Any], selections: list[dict[str, Any]],
     }
 
 
-def _series_explanations(decisions: Any) -> tuple[dict[str, dict], dict[str, dict]]:
+def _series_explanations(decisions: Iterable[dict[str, Any]]
+                         ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Series UID -> its verdicts (``pipeline/role`` -> matched, reason), and -> its
     features, from the stored decisions of a study."""
     verdicts: dict[str, dict] = {}
@@ -348,7 +353,8 @@ def _select_config(path: Path) -> Config:
     return _client_config(path)
 
 
-def _select_pipelines(cfg: Config, rules: list[Path] | None, name: str | None) -> list[Any]:
+def _select_pipelines(cfg: Config, rules: list[Path] | None, name: str | None
+                      ) -> list[Pipeline]:
     """The configured pipelines, or one per ``--rules`` file (named as --pipeline says)."""
     from aiworker.select.decide import Pipeline, configured_pipelines
     from aiworker.select.rules import RuleError, load_rules
@@ -383,7 +389,7 @@ def _since(text: str | None) -> float | None:
     return float(match.group(1)) * unit
 
 
-def _print_decision(decision: Any) -> None:
+def _print_decision(decision: StudyDecision) -> None:
     """One study's dry run: a table of series, features and verdicts, then the choice."""
     from aiworker.select.decide import describe_series
 
@@ -408,7 +414,8 @@ def _print_decision(decision: Any) -> None:
             console.print(f"  {pipeline}: no match: {decision.reason(pipeline)}", highlight=False)
 
 
-def _replay(cfg: Config, pipelines: list[Any], since_s: float | None, as_json: bool) -> None:
+def _replay(cfg: Config, pipelines: list[Pipeline], since_s: float | None, as_json: bool
+            ) -> None:
     """Apply ``pipelines`` to the complete studies in the spool; list the differences with
     the recorded decisions. Reads the state DB, never writes a decision or a job."""
     from aiworker.select.decide import (

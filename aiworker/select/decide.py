@@ -249,10 +249,8 @@ def changes(stored: dict[str, Any] | None, decision: StudyDecision, pipeline: st
             reasons.append(f"{by_uid[before].label}: {by_uid[before].verdicts[key].reason}")
         elif before is not None:
             reasons.append("the series chosen before is no longer in the spool")
-        if after is None and before is None:
-            reasons.append(decision.reason(pipeline) or "")
         found.append(Change(decision.study_uid, pipeline, role, before, after,
-                            stored is not None, "; ".join(r for r in reasons if r)))
+                            stored is not None, "; ".join(reasons)))
     return found
 
 

@@ -230,10 +230,14 @@ def compute_features(series: SeriesHeaders, settings: FeatureSettings = DEFAULT_
 
 
 def description_words(ds: Any) -> list[str]:
-    """The upper-case words of SeriesDescription and ProtocolName ("sag_PD-fs" gives SAG,
-    PD, FS); ``*`` stays part of a word (T2*)."""
-    text = " ".join(str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName"))
-    return [w for w in re.split(r"[^A-Z0-9*]+", text.upper()) if w]
+    """The upper-case words of SeriesDescription ("sag_PD-fs" gives SAG, PD, FS; ``*`` stays
+    part of a word, as in T2*), or of ProtocolName when the description is empty. GE writes
+    one exam-wide ProtocolName on every series, so it is only a fallback."""
+    for keyword in ("SeriesDescription", "ProtocolName"):
+        words = [w for w in re.split(r"[^A-Z0-9*]+", str(ds.get(keyword, "") or "").upper()) if w]
+        if words:
+            return words
+    return []
 
 
 def _pairs(words: list[str]) -> set[tuple[str, str]]:

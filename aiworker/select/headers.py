@@ -195,7 +195,8 @@ def _in_groups(groups: Dataset, keyword: str) -> Any:
 
 
 def plain(value: Any) -> Any:
-    """A pydicom value as plain Python: str, int, float, a list of those, or None."""
+    """A pydicom value as plain Python: str, int, float, a list of those, or None (a
+    sequence item stays a Dataset)."""
     if value is None or isinstance(value, bytes):
         return None
     if isinstance(value, (MultiValue, list, tuple)):

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiworker.select.decide import Pipeline, StudyDecision, decide, study_headers_from_paths
 from aiworker.select.features import DEFAULT_SETTINGS, FeatureSettings
-from aiworker.store.db import NewJob, StateDB
+from aiworker.store.db import NewJob, SelectionRecord, StateDB
 
 log = logging.getLogger("aiworker.select")
 
@@ -94,7 +94,8 @@ def _outcome(study_uid: str, pipeline: Pipeline, decision: StudyDecision | None,
     return explanation, NewJob(pipeline.name, pipeline.model, study_uid, inputs)
 
 
-def _log(study_uid: str, pipeline: str, explanation: dict[str, Any], record: Any) -> None:
+def _log(study_uid: str, pipeline: str, explanation: dict[str, Any],
+         record: SelectionRecord | None) -> None:
     if record is None:
         log.info("study %s re-opened while %s selected; it will be selected again",
                  study_uid, pipeline)
