@@ -466,15 +466,63 @@ def _replay(cfg: Config, pipelines: list[Pipeline], since_s: float | None, as_js
 
 
 @app.command()
-def phantom(out_dir: Path, seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-            slices: Annotated[int, typer.Option(help="Slices per series.")] = 20,
-            size: Annotated[int, typer.Option(help="Rows and columns.")] = 128) -> None:
-    """Write a synthetic 3-series MR study (sagittal, coronal, axial) to OUT_DIR."""
-    from aiworker.phantom.simple import DEFAULT_SERIES, write_study
+def phantom(
+    out_dir: Path,
+    cases: Annotated[int, typer.Option(min=1, help="How many studies (case-0000, ...).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first case; case i uses seed + i.")] = 0,
+    vendor: Annotated[str, typer.Option(
+        help="siemens, ge, philips, or random (per case).")] = "random",
+    acl: Annotated[str, typer.Option(help="random, intact or torn.")] = "random",
+    side: Annotated[str, typer.Option(help="R, L, or random (per case).")] = "random",
+    transfer_syntax: Annotated[str, typer.Option(
+        help="explicit, implicit, jpeg2000, jpegls or rle (lossless).")] = "explicit",
+    enhanced: Annotated[bool, typer.Option(
+        help="Write each series as one Enhanced MR multi-frame instance.")] = False,
+    rescan_probability: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Chance that a case has a re-scanned series.")] = 0.2,
+    descriptions: Annotated[str, typer.Option(
+        help="vendor, generic, empty, or random (per case, see --plain-descriptions).")
+    ] = "random",
+    plain_descriptions: Annotated[float, typer.Option(
+        min=0.0, max=1.0,
+        help="With --descriptions random: chance of generic or empty descriptions.")] = 0.25,
+    max_oblique: Annotated[float, typer.Option(
+        min=0.0, max=20.0, help="Largest oblique angle of a plane, degrees.")] = 15.0,
+    series: Annotated[str | None, typer.Option(
+        help="Comma-separated roles instead of the routine protocol, e.g. "
+             "sag_pd_fs,cor_pd_fs,ax_t2_fs.")] = None,
+    matrix: Annotated[int | None, typer.Option(
+        min=16, max=1024, help="Rows and columns of every series.")] = None,
+    slices: Annotated[int | None, typer.Option(
+        min=1, help="Slices of every series but the localizer.")] = None,
+    patient_name: Annotated[str | None, typer.Option(
+        help="DICOM PN, e.g. 'MÜLLER^JÖRG'; default: drawn per case.")] = None,
+    truth: Annotated[bool, typer.Option(help="Write the ground truth beside each study.")
+                     ] = True,
+) -> None:
+    """Write synthetic knee MR studies with ground truth to OUT_DIR/case-NNNN/."""
+    from aiworker.phantom.protocol import Overrides
+    from aiworker.phantom.study import StudyOptions, write_study
 
-    series = tuple(replace(s, slices=slices, rows=size, columns=size) for s in DEFAULT_SERIES)
-    paths = write_study(out_dir, series, seed=seed)
-    console.print(f"wrote {len(paths)} instances in {len(series)} series to {out_dir}")
+    roles = tuple(r.strip() for r in series.split(",") if r.strip()) if series else None
+    options = StudyOptions(
+        vendor=None if vendor == "random" else vendor, acl=acl,
+        side=None if side == "random" else side, transfer_syntax=transfer_syntax,
+        enhanced=enhanced, rescan_probability=rescan_probability,
+        descriptions=None if descriptions == "random" else descriptions,
+        plain_descriptions_probability=plain_descriptions, max_oblique=max_oblique,
+        patient_name=patient_name, overrides=Overrides(roles, matrix, slices), truth=truth)
+    for index in range(cases):
+        case_dir = out_dir / f"case-{index:04d}"
+        try:
+            study = write_study(case_dir, replace(options, seed=seed + index))
+        except (ValueError, RuntimeError) as exc:  # a bad option; an encoder not installed
+            err.print(f"phantom: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from exc
+        acl_state = "torn" if study.case.acl_torn else "intact"
+        console.print(f"{case_dir}: {study.plan.vendor.key} {study.plan.scanner.model}, "
+                      f"{len(study.series)} series, {len(study.files)} files, "
+                      f"{study.case.side} knee, ACL {acl_state}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

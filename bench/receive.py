@@ -45,7 +45,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 SIZE = 512
-SERIES = (("sagittal", "PD FS SAG"), ("coronal", "PD FS COR"), ("axial", "T2 FS AX"))
+SERIES = ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")  # phantom protocol roles
 START_TIMEOUT_S = 60.0
 RSS_POLL_S = 0.02
 MB = 1e6
@@ -247,7 +247,7 @@ WARMUP_SLICES = 4  # per series: 12 instances sent untimed to every target befor
 
 def load_study(slices: int, seed: int = 0) -> Study:
     """The 3-series 512x512 study with ``slices`` per series, generated once under bench/out."""
-    folder = OUT / (f"study-3x{slices}-{SIZE}" + (f"-seed{seed}" if seed else ""))
+    folder = OUT / (f"knee-3x{slices}-{SIZE}" + (f"-seed{seed}" if seed else ""))
     marker = folder.with_suffix(".json")  # beside the folder: storescu +sd sends every file
     if not (marker.exists() and folder.is_dir()):
         generate_study(folder, marker, slices, seed)
@@ -259,16 +259,20 @@ def load_study(slices: int, seed: int = 0) -> Study:
 def generate_study(folder: Path, marker: Path, slices: int, seed: int) -> None:
     """Write the study into a scratch folder, move it into place, then write its marker."""
     sys.path.insert(0, str(ROOT))
-    from aiworker.phantom.simple import SeriesSpec, write_study
+    from aiworker.phantom.protocol import Overrides
+    from aiworker.phantom.study import StudyOptions, write_study
 
     print(f"generating the study ({3 * slices} instances) in {folder} ...", flush=True)
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
-    specs = tuple(SeriesSpec(plane, slices, SIZE, SIZE, desc) for plane, desc in SERIES)
-    paths = write_study(scratch, specs, seed=seed)
-    names = [str(p.relative_to(scratch)) for p in paths]
+    options = StudyOptions(seed=seed, vendor="siemens", descriptions="vendor", rescan=False,
+                           images_in_acquisition=True, truth=False,
+                           overrides=Overrides(SERIES, SIZE, slices))
+    study = write_study(scratch, options)
+    names = [str(p.relative_to(study.dicom_dir)) for p in study.files]
     shutil.rmtree(folder, ignore_errors=True)
-    scratch.rename(folder)
+    study.dicom_dir.rename(folder)
+    shutil.rmtree(scratch)
     marker.write_text(json.dumps({"slices": slices, "files": names}))
 
 

@@ -31,9 +31,12 @@ from support import (
     node_config,
 )
 
-from aiworker.phantom.simple import SeriesSpec, write_study
+from aiworker.phantom.protocol import Overrides
+from aiworker.phantom.study import StudyOptions, write_study
 
-PLANES = ("sagittal", "coronal", "axial")
+# The series of a test study, in this order: make_study(series=N) takes the first N.
+ROLES = ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs", "sag_t1", "cor_t1", "cor_stir", "ax_pd_fs",
+         "sag_pd")
 _seeds = itertools.count(101)
 
 
@@ -53,22 +56,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def make_study(tmp_path: Path) -> Callable[..., Study]:
     """``make_study(name, series=3, slices=5, size=64, seed=None, ...)`` writes a phantom study.
 
-    Each call gets a fresh seed unless one is given, so two studies in one test never share
-    UIDs.
+    A synthetic knee study (Siemens conventions, uncompressed, explicit VR little endian) of
+    the first ``series`` of :data:`ROLES`, numbered 1, 2, 3, ..., each ``slices`` slices of
+    ``size`` x ``size`` pixels, in ``tmp_path/name/dicom`` (one folder per series, nothing
+    else: the ground truth is not written). ImagesInAcquisition is written unless
+    ``images_in_acquisition`` is false. Each call gets a fresh seed unless one is given, so
+    two studies in one test never share UIDs.
     """
 
     def make(name: str = "study", series: int = 3, slices: int = 5, size: int = 64,
              seed: int | None = None, patient_name: str = "PHANTOM^KNEE",
              images_in_acquisition: bool = True) -> Study:
         seed = next(_seeds) if seed is None else seed
-        specs = tuple(
-            SeriesSpec(PLANES[i % 3], slices, size, size, f"{PLANES[i % 3].upper()} {i + 1}")
-            for i in range(series)
-        )
-        root = tmp_path / name
-        files = write_study(root, specs, seed=seed, patient_name=patient_name,
-                            images_in_acquisition=images_in_acquisition)
-        return Study(root=root, files=files, seed=seed, patient_name=patient_name)
+        options = StudyOptions(
+            seed=seed, vendor="siemens", descriptions="vendor", rescan=False,
+            patient_name=patient_name, images_in_acquisition=images_in_acquisition,
+            overrides=Overrides(ROLES[:series], size, slices), truth=False,
+            volume_spacing=2.0)  # coarse anatomy: these tests look at transport, not pixels
+        written = write_study(tmp_path / name, options)
+        return Study(root=written.dicom_dir, files=written.files, seed=seed,
+                     patient_name=patient_name)
 
     return make
 
