@@ -277,8 +277,9 @@ def test_clean_restart_keeps_everything(node, make_study) -> None:
     study = make_study(series=2, slices=3)
     assert all(r.Status == 0 for r in raw_store(node.port, study.files))
     before = wait_until(
-        lambda: (s := node.study_status(study.study_uid))["state"] == "complete" and s,
-        15, "the study to complete")
+        lambda: (s := node.study_status(study.study_uid))["state"] == "complete"
+        and s.get("selection") and s,
+        15, "the study to complete and be selected")
     node.restart()
     assert node.log_text().count("listening: DICOM AE AIWORKER") == 2
     assert "reconcile: ReconcileReport(temporaries_removed=0, marked_missing=0, indexed=0, " \
