@@ -94,7 +94,7 @@ def main() -> None:
                         help="one variant (each runs in its own process); default: all")
     parser.add_argument("--fsync", action="store_true", help="storage.fsync on")
     parser.add_argument("--runs", type=int, default=4)
-    parser.add_argument("--study", type=Path, default=ROOT / "bench" / "out" / "study-3x170-512")
+    parser.add_argument("--study", type=Path, default=ROOT / "bench" / "out" / "knee-3x170-512")
     args = parser.parse_args()
     if not args.study.is_dir():
         sys.exit(f"no study at {args.study}: run bench/receive.py once to generate it")
