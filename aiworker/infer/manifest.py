@@ -1,0 +1,312 @@
+"""A model's manifest: the ``model.yaml`` that sits in a model's folder.
+
+The manifest says what the model is (name, version, weights format), what it expects as
+input (which series roles feed which channels, orientation, spacing, intensity
+normalization, crop/pad size), how to run it (sliding-window ROI, overlap, batch size,
+AMP dtype, time limit), what it produces (segmentation labels with colours and SNOMED CT
+codes; classification heads with classes, positive class and threshold) and what it is
+for (intended-use text). An example::
+
+    name: knee-demo
+    version: 0.1.0
+    format: state_dict            # torchscript | monai_bundle | state_dict
+    weights: model.pt             # relative to the folder; default per format
+    network:                      # state_dict only: a MONAI network and its arguments
+      class: UNet                 # short name in monai.networks.nets, or a dotted path
+      args: {spatial_dims: 3, in_channels: 1, out_channels: 3,
+             channels: [16, 32, 64], strides: [2, 2]}
+    input:
+      channels: [sag_pd_fs]       # series role per input channel, in channel order
+      orientation: LPS            # three letters (one of L/R, A/P, S/I) or as-acquired
+      spacing_mm: [0.5, 0.5, 3.0] # target spacing (x, y, z); null keeps the series'
+      normalization: {method: percentile, lower: 1, upper: 99}  # zscore | percentile | none
+      size: [256, 256, 32]        # crop/pad to this (x, y, z); null = no crop/pad
+    inference:
+      roi_size: [128, 128, 32]    # sliding-window ROI; null = the whole volume at once
+      overlap: 0.25
+      sw_batch_size: 4
+      amp_dtype: float16          # on GPU: float16 | bfloat16 | none
+      time_limit_s: 120
+    outputs:
+      segmentation:
+        labels:
+          - value: 1
+            name: Femur
+            color: [230, 216, 170]
+            category: {value: "91723000", scheme_designator: SCT,
+                       meaning: Anatomical structure}
+            type: {value: "71341001", scheme_designator: SCT, meaning: Femur}
+      classification:
+        - name: acl
+          classes: [intact, torn]
+          positive: torn
+          threshold: 0.5
+    intended_use: Research demonstration on synthetic phantoms; not a medical device.
+
+:func:`load_manifest` reads and checks one file; a bad manifest raises
+:class:`ManifestError` with one line per problem: the file, the key path, what is wrong
+and the bad value.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MANIFEST_NAME = "model.yaml"
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", max_length=32)]
+Positive = Annotated[float, Field(gt=0)]
+Size = Annotated[int, Field(ge=1)]
+Channel = Annotated[int, Field(ge=0, le=255)]
+Color = Annotated[list[Channel], Field(min_length=3, max_length=3, description="R, G, B")]
+Xyz = Annotated[list[Positive], Field(min_length=3, max_length=3, description="x, y, z")]
+XyzSize = Annotated[list[Size], Field(min_length=3, max_length=3, description="x, y, z")]
+
+AXIS_LETTERS = ("LR", "AP", "SI")
+
+
+class ModelError(Exception):
+    """A model that cannot be found, read or loaded; ``kind`` names the failure class
+    a job records ("model": the fault is the model's, not the study's)."""
+
+    kind = "model"
+
+
+class ManifestError(ModelError):
+    """A manifest that cannot be used; ``str()`` has one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Network(_Section):
+    """A MONAI network class (short name in ``monai.networks.nets`` or a dotted path) and
+    the keyword arguments that build it."""
+
+    class_name: str = Field(alias="class", min_length=1)
+    args: dict[str, Any] = {}
+
+
+class Normalization(_Section):
+    """Intensity normalization: ``zscore`` (mean 0, sd 1), ``percentile`` (the ``lower``
+    and ``upper`` percentiles map to 0 and 1, clipped) or ``none``."""
+
+    method: Literal["zscore", "percentile", "none"] = "zscore"
+    lower: float = Field(1.0, ge=0, le=100)
+    upper: float = Field(99.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Normalization:
+        if self.lower >= self.upper:
+            raise ValueError(f"lower ({self.lower}) must be below upper ({self.upper})")
+        return self
+
+
+class Input(_Section):
+    """What the model is fed: one series role per channel, and how the volume is
+    resampled, normalized and cropped/padded first (axes in x, y, z order)."""
+
+    channels: list[Name] = Field(min_length=1)
+    orientation: str = "as-acquired"
+    spacing_mm: Xyz | None = None
+    normalization: Normalization = Normalization()
+    size: XyzSize | None = None
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct_roles(cls, roles: list[str]) -> list[str]:
+        repeated = sorted({role for role in roles if roles.count(role) > 1})
+        if repeated:
+            raise ValueError(f"each role feeds one channel; repeated: {', '.join(repeated)}")
+        return roles
+
+    @field_validator("orientation")
+    @classmethod
+    def _known_orientation(cls, value: str) -> str:
+        if value == "as-acquired" or _is_axis_code(value):
+            return value
+        raise ValueError("must be as-acquired or three letters, one each of L/R, A/P and S/I "
+                         "(e.g. LPS, RAS)")
+
+
+def _is_axis_code(value: str) -> bool:
+    """True for a three-letter orientation code such as LPS or RAS."""
+    if len(value) != 3:
+        return False
+    axes = [next((i for i, pair in enumerate(AXIS_LETTERS) if ch in pair), None) for ch in value]
+    return None not in axes and sorted(axes) == [0, 1, 2]
+
+
+class Inference(_Section):
+    """How the network runs: sliding-window ROI (None = whole volume), overlap, windows per
+    batch, the autocast dtype on GPU, and the wall-clock limit of one series."""
+
+    roi_size: XyzSize | None = None
+    overlap: float = Field(0.25, ge=0, lt=1)
+    sw_batch_size: int = Field(1, ge=1)
+    amp_dtype: Literal["float16", "bfloat16", "none"] = "none"
+    time_limit_s: float = Field(300.0, gt=0)
+
+
+class Code(_Section):
+    """A coded concept (DICOM code sequence item): code value, scheme designator, meaning."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme_designator: str = Field("SCT", min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _sct_is_numeric(self) -> Code:
+        if self.scheme_designator == "SCT" and not re.fullmatch(r"[0-9]{6,18}", self.value):
+            raise ValueError(f"an SCT code value is 6 to 18 digits (got {self.value!r})")
+        return self
+
+
+class Label(_Section):
+    """One segment: its value in the label volume, name, display colour (RGB 0-255) and the
+    SNOMED CT codes for segmented property category and type."""
+
+    value: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1, max_length=64)
+    color: Color
+    category: Code
+    type: Code
+
+
+class Segmentation(_Section):
+    """The label map the model writes (0 is background and is not listed)."""
+
+    labels: list[Label] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Segmentation:
+        problems = [_repeated("value", [label.value for label in self.labels]),
+                    _repeated("name", [label.name for label in self.labels])]
+        problems = [problem for problem in problems if problem]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ClassificationHead(_Section):
+    """One classification output: its classes, which one is the finding, and the
+    probability at or above which the finding is reported."""
+
+    name: Name
+    classes: list[str] = Field(min_length=2)
+    positive: str
+    threshold: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _positive_is_a_class(self) -> ClassificationHead:
+        repeated = _repeated("class", self.classes)
+        if repeated:
+            raise ValueError(repeated)
+        if self.positive not in self.classes:
+            raise ValueError(f"positive class {self.positive!r} is not one of the classes "
+                             f"({', '.join(self.classes)})")
+        return self
+
+
+class Outputs(_Section):
+    """What the model produces: a segmentation, classification heads, or both."""
+
+    segmentation: Segmentation | None = None
+    classification: list[ClassificationHead] = []
+
+    @model_validator(mode="after")
+    def _something(self) -> Outputs:
+        if self.segmentation is None and not self.classification:
+            raise ValueError("a model must output a segmentation or a classification")
+        repeated = _repeated("head name", [head.name for head in self.classification])
+        if repeated:
+            raise ValueError(repeated)
+        return self
+
+
+class Manifest(_Section):
+    """A whole ``model.yaml``."""
+
+    name: Name
+    version: Version
+    format: Literal["torchscript", "monai_bundle", "state_dict"]
+    weights: str | None = Field(None, description="file (or bundle folder) relative to the "
+                                                  "model folder; default per format")
+    network: Network | None = None
+    input: Input
+    inference: Inference = Inference()
+    outputs: Outputs
+    intended_use: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _network_matches_format(self) -> Manifest:
+        if self.format == "state_dict" and self.network is None:
+            raise ValueError("format state_dict needs network (a MONAI class and its args)")
+        if self.format != "state_dict" and self.network is not None:
+            raise ValueError(f"network is only for format state_dict, not {self.format}")
+        return self
+
+    @property
+    def weights_path(self) -> str:
+        """The weights file (or bundle folder) relative to the model folder."""
+        defaults = {"torchscript": "model.ts", "state_dict": "model.pt", "monai_bundle": "."}
+        return self.weights or defaults[self.format]
+
+    def to_yaml(self) -> str:
+        """The manifest as YAML that :func:`parse_manifest` reads back to an equal one."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _repeated(what: str, values: list[Any]) -> str | None:
+    """``"<what> repeated: a, b"`` naming the values listed more than once, else None."""
+    repeated = sorted({str(value) for value in values if values.count(value) > 1})
+    return f"{what} must be unique; repeated: {', '.join(repeated)}" if repeated else None
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and check the manifest file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError([f"{path}: cannot read the manifest: {exc.strerror}"]) from exc
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: str, path: Path) -> Manifest:
+    """Check manifest YAML ``text``; ``path`` names it in error lines."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError([f"{path}: not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise ManifestError([f"{path}: the top level must be a mapping of keys"])
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(_describe(exc, path)) from exc
+
+
+def _describe(exc: ValidationError, path: Path) -> list[str]:
+    """One line per pydantic problem: ``file: dotted.key: message (got value)``."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"{path}: {key}: {message}{shown}")
+    return lines

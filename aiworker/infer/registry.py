@@ -1,0 +1,225 @@
+"""The model registry: find model folders, resolve ``name`` or ``name@version``, load one.
+
+A model is a folder holding ``model.yaml`` (see :mod:`aiworker.infer.manifest`) and its
+weights. The registry looks in two places, one folder level deep:
+
+- the bundled models, ``aiworker/models/<folder>/model.yaml`` in the package;
+- the site's ``models_dir``, ``<models_dir>/<folder>/model.yaml``.
+
+A site model with the same ``name@version`` as a bundled one replaces it. A bare ``name``
+resolves to the highest version present (versions compare by their numeric parts first).
+
+:func:`load_model` returns a ``torch.nn.Module`` in eval mode on the given device, from
+TorchScript, a state dict plus a MONAI network class, or a MONAI bundle. Anything that
+stops a model from loading raises :class:`ModelError` (``kind == "model"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aiworker.infer.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    ModelError,
+    Network,
+    load_manifest,
+)
+
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
+BUNDLE_WEIGHTS = ("model.pt", "model.ts")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model found by the registry: its checked manifest and the folder it lives in."""
+
+    manifest: Manifest
+    folder: Path
+
+    @property
+    def weights(self) -> Path:
+        """The weights file (or, for a MONAI bundle, the bundle folder)."""
+        return self.folder / self.manifest.weights_path
+
+
+def model_id(spec: ModelSpec) -> str:
+    """``name@version``: how jobs, job keys and results name the model."""
+    return f"{spec.manifest.name}@{spec.manifest.version}"
+
+
+class Registry:
+    """The models available to this node, read once when the registry is made.
+
+    Every manifest is checked up front; invalid ones raise one :class:`ManifestError`
+    listing every problem of every manifest, so a bad model stops the node at start.
+    """
+
+    def __init__(self, models_dir: Path | None = None, bundled_dir: Path = BUNDLED_MODELS):
+        if models_dir is not None and not models_dir.is_dir():
+            raise ModelError(f"{models_dir}: models_dir is not a folder")
+        specs: dict[str, ModelSpec] = {}
+        problems: list[str] = []
+        for root in (bundled_dir, models_dir):
+            for spec in _scan(root, problems):
+                specs[model_id(spec)] = spec
+        if problems:
+            raise ManifestError(problems)
+        self._specs = specs
+
+    def ids(self) -> list[str]:
+        """Every ``name@version`` available, sorted."""
+        return sorted(self._specs)
+
+    def get(self, ref: str) -> ModelSpec:
+        """The model ``ref`` names: ``name@version`` exactly, or ``name``'s highest version."""
+        name, _, version = ref.partition("@")
+        if version:
+            spec = self._specs.get(ref)
+        else:
+            versions = [s for s in self._specs.values() if s.manifest.name == name]
+            spec = max(versions, key=lambda s: _version_key(s.manifest.version), default=None)
+        if spec is None:
+            available = ", ".join(self.ids()) or "none installed"
+            raise ModelError(f"model {ref!r} not found (available: {available})")
+        return spec
+
+
+def _scan(root: Path | None, problems: list[str]) -> list[ModelSpec]:
+    """The models in ``root``'s sub-folders; manifest problems are added to ``problems``."""
+    if root is None or not root.is_dir():
+        return []
+    specs = []
+    for path in sorted(root.glob(f"*/{MANIFEST_NAME}")):
+        try:
+            specs.append(ModelSpec(load_manifest(path), path.parent))
+        except ManifestError as exc:
+            problems.extend(exc.problems)
+    return specs
+
+
+def _version_key(version: str) -> tuple:
+    """Sort key: numeric parts compare as numbers and rank above text parts."""
+    return tuple((1, int(part), "") if part.isdigit() else (0, 0, part)
+                 for part in re.split(r"[.+-]", version))
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model's network with its weights, in eval mode on ``device``."""
+    loaders = {"torchscript": _load_torchscript, "state_dict": _load_state_dict,
+               "monai_bundle": _load_bundle}
+    network = loaders[spec.manifest.format](spec)
+    return network.to(torch.device(device)).eval()
+
+
+def _load_torchscript(spec: ModelSpec) -> torch.nn.Module:
+    return _jit_load(_existing(spec.weights, model_id(spec)), model_id(spec))
+
+
+def _load_state_dict(spec: ModelSpec) -> torch.nn.Module:
+    assert spec.manifest.network is not None  # the manifest guarantees it for state_dict
+    network = _build_network(spec.manifest.network, model_id(spec))
+    _load_weights(network, _existing(spec.weights, model_id(spec)), model_id(spec))
+    return network
+
+
+def _load_bundle(spec: ModelSpec) -> torch.nn.Module:
+    """A MONAI bundle: ``models/model.pt`` into the network that ``configs/inference.*``
+    defines (``network_def``, else ``network``), or else ``models/model.ts``."""
+    bundle, mid = spec.weights, model_id(spec)
+    weights = next((bundle / "models" / name for name in BUNDLE_WEIGHTS
+                    if (bundle / "models" / name).is_file()), None)
+    if weights is None:
+        raise ModelError(f"{mid}: {bundle / 'models'} holds neither "
+                         f"{' nor '.join(BUNDLE_WEIGHTS)}")
+    if weights.suffix == ".ts":
+        return _jit_load(weights, mid)
+    network = _bundle_network(bundle, mid)
+    _load_weights(network, weights, mid)
+    return network
+
+
+def _bundle_network(bundle: Path, mid: str) -> torch.nn.Module:
+    """The network a bundle's inference config defines, built by MONAI's ConfigParser."""
+    from monai.bundle import ConfigParser
+
+    config = next((bundle / "configs" / name for name in BUNDLE_CONFIGS
+                   if (bundle / "configs" / name).is_file()), None)
+    if config is None:
+        raise ModelError(f"{mid}: {bundle / 'configs'} holds no {' / '.join(BUNDLE_CONFIGS)}")
+    parser = ConfigParser()
+    parser.read_config(config)
+    parser["bundle_root"] = str(bundle)
+    key = next((k for k in ("network_def", "network") if k in parser), None)
+    if key is None:
+        raise ModelError(f"{mid}: {config} defines neither network_def nor network")
+    try:
+        network = parser.get_parsed_content(key)
+    except Exception as exc:  # MONAI raises many kinds for a bad config
+        raise ModelError(f"{mid}: {config}: cannot build {key}: {exc}") from exc
+    if not isinstance(network, torch.nn.Module):
+        raise ModelError(f"{mid}: {config}: {key} is a {type(network).__name__}, "
+                         "not a torch.nn.Module")
+    return network
+
+
+def _build_network(network: Network, mid: str) -> torch.nn.Module:
+    """Instantiate the MONAI class the manifest names with its args."""
+    cls = _network_class(network.class_name, mid)
+    try:
+        return cls(**network.args)
+    except Exception as exc:  # a network's constructor validates its args in its own way
+        raise ModelError(f"{mid}: cannot build {network.class_name} with args "
+                         f"{network.args}: {exc}") from exc
+
+
+def _network_class(name: str, mid: str) -> type[torch.nn.Module]:
+    """A class from ``monai.networks.nets`` by short name, or a dotted path inside monai."""
+    module_name, _, attr = name.rpartition(".")
+    if not module_name:
+        module_name = "monai.networks.nets"
+    if module_name.split(".")[0] != "monai":
+        raise ModelError(f"{mid}: network class {name!r} is not a MONAI class "
+                         "(use a name in monai.networks.nets or a dotted path in monai)")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"{mid}: no network class {name!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ModelError(f"{mid}: {name!r} is not a torch.nn.Module class")
+    return cls
+
+
+def _load_weights(network: torch.nn.Module, path: Path, mid: str) -> None:
+    """Load a state dict saved with ``torch.save`` into ``network``, strictly."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling fails in many ways
+        raise ModelError(f"{mid}: cannot read weights {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ModelError(f"{mid}: {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{mid}: weights {path} do not fit the network "
+                         f"(shape or key mismatch): {exc}") from exc
+
+
+def _jit_load(path: Path, mid: str) -> torch.nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch.jit raises RuntimeError or ValueError for bad files
+        raise ModelError(f"{mid}: cannot load TorchScript {path}: {exc}") from exc
+
+
+def _existing(path: Path, mid: str) -> Path:
+    if not path.is_file():
+        raise ModelError(f"{mid}: weights file {path} is missing")
+    return path
