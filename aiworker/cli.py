@@ -480,6 +480,9 @@ def phantom(
         help="Write each series as one Enhanced MR multi-frame instance.")] = False,
     rescan_probability: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Chance that a case has a re-scanned series.")] = 0.2,
+    derived_probability: Annotated[float, typer.Option(
+        min=0.0, max=1.0,
+        help="Chance that a case has a reformat (MPR) of its sagittal PD FS.")] = 0.2,
     descriptions: Annotated[str, typer.Option(
         help="vendor, generic, empty, or random (per case, see --plain-descriptions).")
     ] = "random",
@@ -509,6 +512,7 @@ def phantom(
         vendor=None if vendor == "random" else vendor, acl=acl,
         side=None if side == "random" else side, transfer_syntax=transfer_syntax,
         enhanced=enhanced, rescan_probability=rescan_probability,
+        derived_probability=derived_probability,
         descriptions=None if descriptions == "random" else descriptions,
         plain_descriptions_probability=plain_descriptions, max_oblique=max_oblique,
         patient_name=patient_name, overrides=Overrides(roles, matrix, slices), truth=truth)

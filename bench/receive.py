@@ -266,7 +266,7 @@ def generate_study(folder: Path, marker: Path, slices: int, seed: int) -> None:
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     options = StudyOptions(seed=seed, vendor="siemens", descriptions="vendor", rescan=False,
-                           images_in_acquisition=True, truth=False,
+                           derived=False, images_in_acquisition=True, truth=False,
                            overrides=Overrides(SERIES, SIZE, slices))
     study = write_study(scratch, options)
     names = [str(p.relative_to(study.dicom_dir)) for p in study.files]

@@ -69,7 +69,7 @@ def make_study(tmp_path: Path) -> Callable[..., Study]:
              images_in_acquisition: bool = True) -> Study:
         seed = next(_seeds) if seed is None else seed
         options = StudyOptions(
-            seed=seed, vendor="siemens", descriptions="vendor", rescan=False,
+            seed=seed, vendor="siemens", descriptions="vendor", rescan=False, derived=False,
             patient_name=patient_name, images_in_acquisition=images_in_acquisition,
             overrides=Overrides(ROLES[:series], size, slices), truth=False,
             volume_spacing=2.0)  # coarse anatomy: these tests look at transport, not pixels

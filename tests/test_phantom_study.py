@@ -36,6 +36,7 @@ needs_dciodvfy = pytest.mark.skipif(not HAVE_DCIODVFY, reason="dciodvfy (dicom3t
 def write(tmp_path: Path, name: str = "case", **options) -> WrittenStudy:
     options.setdefault("overrides", SMALL)
     options.setdefault("rescan", False)
+    options.setdefault("derived", False)
     options.setdefault("volume_spacing", VOXEL_MM)
     return write_study(tmp_path / name, StudyOptions(**options))
 
@@ -179,7 +180,8 @@ def test_label_table_and_facts(tmp_path: Path) -> None:
 
 
 def test_default_protocol_is_a_routine_knee_exam_in_realistic_ranges(tmp_path: Path) -> None:
-    study = write_study(tmp_path / "full", StudyOptions(seed=11, rescan=False, truth=False))
+    study = write_study(tmp_path / "full",
+                        StudyOptions(seed=11, rescan=False, derived=False, truth=False))
     roles = [s.plan.role for s in study.series]
     assert roles[0] == "localizer" and len(roles) == len(set(roles)) == 6
     assert {"sag_pd_fs", "sag_t1", "cor_t1"} <= set(roles)
@@ -299,6 +301,21 @@ def test_rescanned_series_comes_later_with_a_higher_number(tmp_path: Path) -> No
     assert facts["series"][-1]["rescan_of"] == first.number
 
 
+def test_a_reformat_is_the_sagittal_pd_fs_saved_again_as_derived(tmp_path: Path) -> None:
+    study = write(tmp_path, seed=29, vendor="ge", descriptions="vendor", derived=True)
+    source, reformat = [s for s in study.series if s.plan.role == "sag_pd_fs"]
+    assert reformat is study.series[-1] and reformat.plan.derived and not source.plan.derived
+    a, b = (pydicom.dcmread(s.files[0], stop_before_pixels=True) for s in (source, reformat))
+    assert list(a.ImageType[:2]) == ["ORIGINAL", "PRIMARY"]
+    assert list(b.ImageType) == ["DERIVED", "SECONDARY", "MPR"]
+    assert b.SeriesDescription == f"{a.SeriesDescription} MPR"
+    assert b.ImageOrientationPatient == a.ImageOrientationPatient
+    assert (b.EchoTime, b.ScanOptions) == (a.EchoTime, a.ScanOptions)  # same contrast
+    facts = json.loads(study.truth.facts.read_text())
+    assert facts["ground_truth"]["series_uid"] == source.uid  # the labels are the acquisition's
+    assert [s["derived"] for s in facts["series"]][-1] is True
+
+
 def test_oblique_angles_stay_within_the_limit(tmp_path: Path) -> None:
     for limit in (0.0, 20.0):
         study = write(tmp_path, f"o{limit}", seed=24, max_oblique=limit, truth=False)
@@ -402,8 +419,8 @@ def test_dciodvfy_finds_no_errors(tmp_path: Path, vendor: str) -> None:
                           matrix=(32, 40), slices=2)
     for enhanced in (False, True):
         study = write(tmp_path, f"{vendor}-{enhanced}", seed=43, vendor=vendor,
-                      enhanced=enhanced, transfer_syntax="jpeg2000" if enhanced else "explicit",
-                      overrides=overrides, truth=False)
+                      enhanced=enhanced, derived=True, overrides=overrides, truth=False,
+                      transfer_syntax="jpeg2000" if enhanced else "explicit")
         for series in study.series:
             assert dciodvfy_errors(series.files[0]) == [], series.files[0]
 

@@ -14,7 +14,7 @@ from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
 
 def generate(tmp_path: Path, name: str, seed: int, roles: tuple[str, ...]) -> WrittenStudy:
     return write_study(tmp_path / name, StudyOptions(
-        seed=seed, vendor="ge", descriptions="empty", rescan=False, truth=False,
+        seed=seed, vendor="ge", descriptions="empty", rescan=False, derived=False, truth=False,
         volume_spacing=3.0,
         overrides=Overrides(roles=roles, matrix=32, slices=16)))
 

@@ -1,7 +1,7 @@
 """Selection on generated knee studies: across vendors, obliquity, transfer syntaxes, matrix
 sizes, Enhanced MR and plain descriptions, the bundled rule takes the sagittal PD FS (the
-re-scan when there is one) and never a localizer, T1, PD without FS, coronal or axial series;
-broken geometry and missing series are explained."""
+re-scan when there is one) and never a localizer, a reformat (derived), T1, PD without FS,
+coronal or axial series; broken geometry and missing series are explained."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def knee() -> list[Pipeline]:
 
 def case_options(i: int) -> StudyOptions:
     """Case ``i`` of the sweep: every vendor with every obliquity, syntax and matrix size in
-    turn, some Enhanced MR, some re-scans, plain descriptions in two of three cases."""
+    turn, some Enhanced MR, some re-scans, some reformats of the sagittal PD FS, plain
+    descriptions in two of three cases."""
     return StudyOptions(
         seed=5000 + i,
         vendor=VENDORS[i % 3],
@@ -46,6 +47,7 @@ def case_options(i: int) -> StudyOptions:
         transfer_syntax=SYNTAXES[i % 5],
         enhanced=i % 9 == 4,
         rescan=i % 4 == 1,
+        derived=i % 3 == 1,
         descriptions=DESCRIPTIONS[(i // 2) % 3],
         overrides=Overrides(roles=WITH_SAG_PD if i % 5 == 2 else None,
                             matrix=MATRICES[i % 2], slices=16),
@@ -73,6 +75,8 @@ def test_the_sweep_covers_what_the_issue_asks():
         assert {getattr(o, field) for o in options} == set(values)
     assert {o.overrides.matrix for o in options} == set(MATRICES)
     assert any(o.enhanced for o in options) and any(o.rescan for o in options)
+    assert any(o.derived and o.enhanced for o in options)
+    assert any(o.derived and o.descriptions == "empty" for o in options)
 
 
 @pytest.mark.parametrize("i", range(CASES))
@@ -80,11 +84,15 @@ def test_the_sagittal_pd_fs_is_chosen_and_nothing_else(i, tmp_path):
     written = write_study(tmp_path / "case", case_options(i))
     decision = select(written)
     roles = {s.uid: s.plan for s in written.series}
-    wanted = [s.uid for s in written.series if s.plan.role == "sag_pd_fs"][-1]  # the re-scan
+    wanted = [s.uid for s in written.series
+              if s.plan.role == "sag_pd_fs" and not s.plan.derived][-1]  # the re-scan
     assert decision.chosen == {"knee": {"main": wanted}}, _explain(decision, roles)
+    assert any(p.derived for p in roles.values()) == (i % 3 == 1)
     for uid, (matched, reason) in verdicts(decision).items():
         plan = roles[uid]
-        if plan.role in NEVER:
+        if plan.derived:
+            assert not matched and reason.startswith("original is false"), reason
+        elif plan.role in NEVER:
             assert not matched and reason.startswith(NEVER[plan.role]), (plan.role, reason)
         elif uid != wanted:  # the first acquisition of a re-scanned series
             assert matched and "preferred by acquired_at" in reason, reason
@@ -92,7 +100,7 @@ def test_the_sagittal_pd_fs_is_chosen_and_nothing_else(i, tmp_path):
 
 def test_no_sagittal_pd_fs_means_no_job_and_the_reason(tmp_path):
     written = write_study(tmp_path / "case", StudyOptions(
-        seed=77, vendor="ge", descriptions="empty", rescan=False, truth=False,
+        seed=77, vendor="ge", descriptions="empty", rescan=False, derived=False, truth=False,
         volume_spacing=COARSE_MM,
         overrides=Overrides(roles=("localizer", "sag_t1", "sag_pd", "cor_pd_fs", "ax_t2_fs"),
                             matrix=32, slices=16)))
@@ -104,7 +112,7 @@ def test_no_sagittal_pd_fs_means_no_job_and_the_reason(tmp_path):
 
 def _sag_pd_fs(tmp_path: Path, vendor: str) -> tuple[WrittenStudy, list[Path]]:
     written = write_study(tmp_path / vendor, StudyOptions(
-        seed=91, vendor=vendor, rescan=False, truth=False, max_oblique=15,
+        seed=91, vendor=vendor, rescan=False, derived=False, truth=False, max_oblique=15,
         volume_spacing=COARSE_MM,
         overrides=Overrides(roles=("sag_pd_fs",), matrix=32, slices=20)))
     return written, sorted(written.series[0].files)

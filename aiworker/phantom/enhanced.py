@@ -54,7 +54,8 @@ def enhanced_instance(shared: dict[str, Any], header: SequenceHeader, series: Se
     ds.AcquisitionContextSequence = Sequence()
     _image_description(ds, series)
     _enhanced_equipment_and_mr(ds, scanner)
-    _pulse_sequence(ds, header, series)
+    if not series.derived:  # a reformat keeps no acquisition technique (PS3.3 C.8.13.4)
+        _pulse_sequence(ds, header, series)
     _dimensions(ds, sop_uid)
     ds.SharedFunctionalGroupsSequence = Sequence(
         [_shared_groups(shared, header, series, stacks, scanner, side)])
@@ -69,6 +70,8 @@ def _dt(when: datetime) -> str:
 
 def _frame_type(series: SeriesPlan) -> list[str]:
     flavor = "LOCALIZER" if series.kind == LOCALIZER else "VOLUME"
+    if series.derived:
+        return ["DERIVED", "PRIMARY", flavor, "RESAMPLED"]
     return ["ORIGINAL", "PRIMARY", flavor, "NONE"]
 
 
@@ -160,7 +163,8 @@ def _shared_groups(shared: dict[str, Any], header: SequenceHeader, series: Serie
         FrameType=_frame_type(series), PixelPresentation="MONOCHROME",
         VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
         ComplexImageComponent="MAGNITUDE", AcquisitionContrast=_CONTRAST[series.kind])])
-    _technique_groups(groups, header, series, scanner)
+    if not series.derived:
+        _technique_groups(groups, header, series, scanner)
     return groups
 
 

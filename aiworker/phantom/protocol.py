@@ -6,8 +6,10 @@ study's version of it from a random generator: the vendor and scanner, the order
 series after the localizer, matrix, slice count and thickness within the ranges seen in
 practice (256-512 matrix, 16-40 slices, 2.5-4 mm), an oblique prescription per plane shared
 by the series in that plane (up to ``max_oblique`` degrees about each of two axes), TR/TE/TI
-consistent with the weighting, acquisition times, and optionally a re-scanned series
-(the same protocol acquired again at the end, with a higher SeriesNumber).
+consistent with the weighting, acquisition times, optionally a re-scanned series (the same
+protocol acquired again at the end, with a higher SeriesNumber) and optionally a reformat
+of the sagittal PD FS made at the console (a derived series: same geometry and contrast,
+ImageType DERIVED), which a selector must tell from the acquisition by its header alone.
 
 Tests and benchmarks narrow it with :class:`Overrides` (only some roles, a smaller matrix,
 fewer or more slices).
@@ -116,6 +118,7 @@ class SeriesPlan:
     start_s: float  # seconds after the study started
     duration_s: float
     rescan_of: str | None = None  # the role's first acquisition, for a re-scan
+    derived: bool = False  # a reformat of the role's acquisition, not an acquisition
 
     def stacks(self, centre) -> list[SliceGeometry]:
         """The slice stacks of this series, centred on ``centre`` (patient mm)."""
@@ -164,8 +167,8 @@ def default_roles(rng: np.random.Generator) -> tuple[str, ...]:
 
 
 def plan_study(rng: np.random.Generator, *, vendor: str | None = None,
-               descriptions: str = "vendor", rescan: bool = False, max_oblique: float = 15.0,
-               overrides: Overrides = Overrides()) -> StudyPlan:
+               descriptions: str = "vendor", rescan: bool = False, derived: bool = False,
+               max_oblique: float = 15.0, overrides: Overrides = Overrides()) -> StudyPlan:
     """Draw one study's protocol (see the module docstring)."""
     chosen = VENDORS[vendor] if vendor else VENDORS[rng.choice(sorted(VENDORS))]
     scanner = chosen.scanners[rng.integers(len(chosen.scanners))]
@@ -184,6 +187,8 @@ def plan_study(rng: np.random.Generator, *, vendor: str | None = None,
         clock = plan.start_s + plan.duration_s + float(rng.uniform(15.0, 60.0))
     if rescan:
         series.append(_rescan(series, clock))
+    if derived:
+        series.append(_reformat(series, clock))
     return StudyPlan(chosen, scanner, descriptions, generic, tuple(series))
 
 
@@ -195,6 +200,16 @@ def _rescan(series: list[SeriesPlan], clock: float) -> SeriesPlan:
         raise ValueError("a re-scan needs a series other than the localizer")
     first = next((s for s in candidates if s.role == "sag_pd_fs"), candidates[0])
     return replace(first, order=len(series) + 1, start_s=clock, rescan_of=first.role)
+
+
+def _reformat(series: list[SeriesPlan], clock: float) -> SeriesPlan:
+    """A reformat of the first sagittal PD FS (else of the first non-localizer), saved as a
+    series of its own after the exam."""
+    candidates = [s for s in series if s.kind != LOCALIZER and not s.rescan_of]
+    if not candidates:
+        raise ValueError("a reformat needs a series other than the localizer")
+    source = next((s for s in candidates if s.role == "sag_pd_fs"), candidates[0])
+    return replace(source, order=len(series) + 1, start_s=clock, derived=True)
 
 
 @dataclass(frozen=True)

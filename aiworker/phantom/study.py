@@ -52,6 +52,7 @@ TRANSFER_SYNTAXES = {
 DESCRIPTION_MODES = ("vendor", "generic", "empty")
 ACL_STATES = ("random", "intact", "torn")
 MAX_OBLIQUE = 20.0
+DERIVED_IMAGE_TYPE = ["DERIVED", "SECONDARY", "MPR"]
 
 PATIENT_NAMES = (
     "MÜLLER^JÖRG", "GARCÍA LÓPEZ^MARÍA JOSÉ", "ØSTERGÅRD^SØREN", "ÇELIK^AYŞE",
@@ -65,9 +66,10 @@ _EPOCH = datetime(2024, 1, 2, 7, 30)
 class StudyOptions:
     """How to draw and write one study; every field has a realistic default.
 
-    ``rescan`` and ``descriptions`` left as ``None`` are drawn per case with
-    ``rescan_probability`` and ``plain_descriptions_probability`` (plain = generic or
-    empty, half each). ``images_in_acquisition`` left as ``None`` follows the vendor.
+    ``rescan``, ``derived`` (a reformat of the sagittal PD FS) and ``descriptions`` left as
+    ``None`` are drawn per case with ``rescan_probability``, ``derived_probability`` and
+    ``plain_descriptions_probability`` (plain = generic or empty, half each).
+    ``images_in_acquisition`` left as ``None`` follows the vendor.
     ``volume_spacing`` (mm) is the label volume's voxel size (``None``: the anatomy
     module's default); ``truth=False`` skips the ground-truth files; ``workers`` is how
     many series are rendered at once (``None``: one per CPU). Neither ``truth`` nor
@@ -82,6 +84,8 @@ class StudyOptions:
     enhanced: bool = False
     rescan: bool | None = None
     rescan_probability: float = 0.2
+    derived: bool | None = None
+    derived_probability: float = 0.2
     descriptions: str | None = None
     plain_descriptions_probability: float = 0.25
     max_oblique: float = 15.0
@@ -111,7 +115,8 @@ class StudyOptions:
             raise ValueError(f"descriptions must be one of {', '.join(DESCRIPTION_MODES)}")
         if not 0.0 <= self.max_oblique <= MAX_OBLIQUE:
             raise ValueError(f"max_oblique must be within 0..{MAX_OBLIQUE:g} degrees")
-        for name in ("rescan_probability", "plain_descriptions_probability"):
+        for name in ("rescan_probability", "derived_probability",
+                     "plain_descriptions_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within 0..1")
 
@@ -196,8 +201,8 @@ def study_plan(options: StudyOptions) -> StudyPlan:
 
 def _draw_plan(options: StudyOptions, rng: np.random.Generator) -> StudyPlan:
     return plan_study(rng, vendor=options.vendor, descriptions=_description_mode(options, rng),
-                      rescan=_rescan(options, rng), max_oblique=options.max_oblique,
-                      overrides=options.overrides)
+                      rescan=_rescan(options, rng), derived=_derived(options),
+                      max_oblique=options.max_oblique, overrides=options.overrides)
 
 
 def _description_mode(options: StudyOptions, rng: np.random.Generator) -> str:
@@ -212,6 +217,15 @@ def _description_mode(options: StudyOptions, rng: np.random.Generator) -> str:
 def _rescan(options: StudyOptions, rng: np.random.Generator) -> bool:
     draw = rng.random()
     return options.rescan if options.rescan is not None else draw < options.rescan_probability
+
+
+def _derived(options: StudyOptions) -> bool:
+    """Whether the study has a reformat; drawn apart from the plan's generator, so that
+    adding this option changed no earlier study."""
+    if options.derived is not None:
+        return options.derived
+    return bool(np.random.default_rng([options.seed, 7919]).random()
+                < options.derived_probability)
 
 
 def _identity(options: StudyOptions, rng: np.random.Generator) -> _Identity:
@@ -245,6 +259,8 @@ def _write_series(study: WrittenStudy, identity: _Identity, series: SeriesPlan,
     number = plan.series_number(series)
     header = plan.vendor.header(series.kind, series.plane)
     description, protocol_name = describe(header, plan.descriptions, plan.generic_description)
+    if series.derived and plan.descriptions == "vendor":
+        description = f"{description} MPR"
     written = WrittenSeries(series, number, identity.uid("series", number), description,
                             protocol_name, stacks, [])
     shared = _shared(study, identity, written, header, pixels)
@@ -342,7 +358,7 @@ def _classic_technique(header: SequenceHeader, series: SeriesPlan, study: Writte
     vendor, scanner = study.plan.vendor, study.plan.scanner
     technique: dict[str, Any] = {
         "SOPClassUID": MRImageStorage,
-        "ImageType": list(header.image_type),
+        "ImageType": DERIVED_IMAGE_TYPE if series.derived else list(header.image_type),
         "ScanningSequence": list(header.scanning_sequence),
         "SequenceVariant": list(header.sequence_variant),
         "ScanOptions": list(header.scan_options) or "",

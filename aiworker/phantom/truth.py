@@ -46,7 +46,7 @@ class TruthFiles:
 def truth_series(study: WrittenStudy) -> WrittenSeries:
     """The series the labels describe: the first sagittal PD FS, else the first series that
     is not the localizer."""
-    candidates = [s for s in study.series if s.plan.kind != LOCALIZER]
+    candidates = [s for s in study.series if s.plan.kind != LOCALIZER and not s.plan.derived]
     if not candidates:
         raise ValueError("a study of localizers only has no series to label")
     return next((s for s in candidates if s.plan.role == TRUTH_ROLE), candidates[0])
@@ -117,6 +117,7 @@ def _series_facts(series: WrittenSeries, root: Path, first_number: dict[str, int
         "series_description": series.description,
         "protocol_name": series.protocol_name,
         "rescan_of": first_number[plan.rescan_of] if plan.rescan_of else None,
+        "derived": plan.derived,
         "oblique_degrees": list(plan.rotation),
         "rows": plan.rows,
         "columns": plan.columns,
