@@ -143,8 +143,16 @@ def test_every_problem_gets_its_own_line():
 
 
 def test_state_dict_needs_a_network():
-    (line,) = problems(network=None)
-    assert "format state_dict needs network" in line
+    assert problems(network=None) == [
+        f"{HERE}: network: format state_dict needs network (a MONAI class and its args)"]
+    assert problems(format="torchscript") == [
+        f"{HERE}: network: only for format state_dict, not torchscript"]
+
+
+def test_network_inputs_match_the_roles():
+    (line,) = problems(input__channels=["sag_pd_fs", "cor_pd_fs"])
+    assert line == (f"{HERE}: network.args.in_channels: is 1 but input.channels "
+                    "names 2 role(s) (got 1)")
 
 
 def test_orientation_codes():
@@ -217,6 +225,15 @@ def test_invalid_manifests_are_all_reported(tmp_path):
         [str(tmp_path / "one" / "model.yaml"), "format"],
         [str(tmp_path / "two" / "model.yaml"), "version"],
     ]
+
+
+def test_same_model_twice_in_one_folder(tmp_path):
+    write_model(tmp_path, "a")
+    write_model(tmp_path, "b")
+    with pytest.raises(ManifestError) as caught:
+        Registry(tmp_path, bundled_dir=tmp_path / "absent")
+    assert caught.value.problems == [f"{tmp_path / 'b' / 'model.yaml'}: name, version: "
+                                     f"knee-test@1.2.0 is also in {tmp_path / 'a'}"]
 
 
 def test_missing_models_dir(tmp_path):
@@ -307,6 +324,17 @@ def test_monai_bundle_loader(tmp_path):
     folder = tmp_path / "bundle-model"
     spec = spec_for(folder, format="monai_bundle", network=None, weights="bundle")
     write_bundle(folder / "bundle", original)
+    same_output(original, load_model(spec, "cpu"))
+
+
+def test_monai_bundle_with_torchscript(tmp_path):
+    original = torch.nn.Conv3d(1, 2, kernel_size=3, padding=1).eval()
+    folder = tmp_path / "bundle-model"
+    spec = spec_for(folder, format="monai_bundle", network=None)
+    (folder / "models").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(original), str(folder / "models" / "model.ts"))
     same_output(original, load_model(spec, "cpu"))
 
 

@@ -249,14 +249,6 @@ class Manifest(_Section):
     outputs: Outputs
     intended_use: str = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _network_matches_format(self) -> Manifest:
-        if self.format == "state_dict" and self.network is None:
-            raise ValueError("format state_dict needs network (a MONAI class and its args)")
-        if self.format != "state_dict" and self.network is not None:
-            raise ValueError(f"network is only for format state_dict, not {self.format}")
-        return self
-
     @property
     def weights_path(self) -> str:
         """The weights file (or bundle folder) relative to the model folder."""
@@ -293,9 +285,30 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError([f"{path}: the top level must be a mapping of keys"])
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise ManifestError(_describe(exc, path)) from exc
+    problems = _across_sections(manifest)
+    if problems:
+        raise ManifestError([f"{path}: {key}: {message}" for key, message in problems])
+    return manifest
+
+
+def _across_sections(manifest: Manifest) -> list[tuple[str, str]]:
+    """(key, problem) for rules that tie sections together: the network goes with
+    format state_dict, and its in_channels matches the input roles."""
+    network, problems = manifest.network, []
+    if manifest.format == "state_dict" and network is None:
+        problems.append(("network", "format state_dict needs network (a MONAI class and its "
+                                    "args)"))
+    if manifest.format != "state_dict" and network is not None:
+        problems.append(("network", f"only for format state_dict, not {manifest.format}"))
+    in_channels = network.args.get("in_channels") if network else None
+    if in_channels is not None and in_channels != len(manifest.input.channels):
+        problems.append(("network.args.in_channels",
+                         f"is {in_channels} but input.channels names "
+                         f"{len(manifest.input.channels)} role(s) (got {in_channels!r})"))
+    return problems
 
 
 def _describe(exc: ValidationError, path: Path) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,13 @@ class Registry:
         specs: dict[str, ModelSpec] = {}
         problems: list[str] = []
         for root in (bundled_dir, models_dir):
+            found: dict[str, ModelSpec] = {}
             for spec in _scan(root, problems):
-                specs[model_id(spec)] = spec
+                if model_id(spec) in found:
+                    problems.append(f"{spec.folder / MANIFEST_NAME}: name, version: "
+                                    f"{model_id(spec)} is also in {found[model_id(spec)].folder}")
+                found[model_id(spec)] = spec
+            specs |= found
         if problems:
             raise ManifestError(problems)
         self._specs = specs
@@ -213,8 +219,13 @@ def _load_weights(network: torch.nn.Module, path: Path, mid: str) -> None:
 
 
 def _jit_load(path: Path, mid: str) -> torch.nn.Module:
+    """Load TorchScript; torch's deprecation notice for the format is not repeated in our
+    log, since TorchScript is a format the manifest promises to read."""
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated",
+                                    DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch.jit raises RuntimeError or ValueError for bad files
         raise ModelError(f"{mid}: cannot load TorchScript {path}: {exc}") from exc
 
