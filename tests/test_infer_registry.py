@@ -155,6 +155,12 @@ def test_network_inputs_match_the_roles():
                     "names 2 role(s) (got 1)")
 
 
+def test_weights_stay_inside_the_model_folder():
+    assert problems(weights="../other/model.pt") == [
+        f"{HERE}: weights: must be a path inside the model folder (got '../other/model.pt')"]
+    assert problems(weights="/etc/model.pt")[0].startswith(f"{HERE}: weights: ")
+
+
 def test_orientation_codes():
     for good in ("LPS", "RAS", "PIL", "as-acquired"):
         assert parse_manifest(manifest_text(input__orientation=good), HERE)

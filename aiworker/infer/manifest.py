@@ -249,6 +249,13 @@ class Manifest(_Section):
     outputs: Outputs
     intended_use: str = Field(min_length=1)
 
+    @field_validator("weights")
+    @classmethod
+    def _inside_the_folder(cls, value: str | None) -> str | None:
+        if value is not None and (Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError("must be a path inside the model folder")
+        return value
+
     @property
     def weights_path(self) -> str:
         """The weights file (or bundle folder) relative to the model folder."""
