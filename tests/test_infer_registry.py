@@ -48,7 +48,11 @@ VALID: dict[str, Any] = {
              "type": {"value": "12611008", "scheme_designator": "SCT", "meaning": "Tibia"}},
         ]},
         "classification": [{"name": "acl", "classes": ["intact", "torn"], "positive": "torn",
-                            "threshold": 0.5}],
+                            "threshold": 0.5,
+                            "region": {"label": 1, "reference_label": 2,
+                                       "features": ["volume_ml", "volume_ratio"],
+                                       "mean": [1.0, 0.5], "scale": [0.5, 0.1],
+                                       "coefficients": [-1.0, 2.0], "intercept": 0.1}}],
     },
     "intended_use": "Tests only; not a medical device.",
 }

@@ -41,6 +41,14 @@ for (intended-use text). An example::
           classes: [intact, torn]
           positive: torn
           threshold: 0.5
+          region:                 # logistic model over measurements of one label's region
+            label: 10
+            reference_label: 11   # volume_ratio = volume of label / volume of this one
+            features: [volume_ratio, gap_mm]
+            mean: [0.8, 2.0]      # features are standardized: (value - mean) / scale
+            scale: [0.2, 3.0]
+            coefficients: [-1.5, 2.5]
+            intercept: -0.2
     intended_use: Research demonstration on synthetic phantoms; not a medical device.
 
 :func:`load_manifest` reads and checks one file; a bad manifest raises
@@ -185,9 +193,11 @@ class Label(_Section):
 
 
 class Segmentation(_Section):
-    """The label map the model writes (0 is background and is not listed)."""
+    """The label map the model writes (0 is background and is not listed);
+    ``largest_component`` keeps only the largest connected part of each label."""
 
     labels: list[Label] = Field(min_length=1)
+    largest_component: bool = False
 
     @model_validator(mode="after")
     def _unique(self) -> Segmentation:
@@ -199,14 +209,45 @@ class Segmentation(_Section):
         return self
 
 
+REGION_FEATURES = ("volume_ml", "volume_ratio", "components", "largest_fraction",
+                   "extent_mm", "gap_mm", "mean_intensity")
+
+
+class RegionClassifier(_Section):
+    """A logistic model over measurements of one segmented region (see
+    :mod:`aiworker.infer.findings`): features are standardized with ``mean`` and ``scale``,
+    then P(positive) = sigmoid(intercept + coefficients . features)."""
+
+    label: int = Field(ge=1, le=255, description="the label value whose region is measured")
+    reference_label: int | None = Field(None, ge=1, le=255,
+                                        description="volume_ratio divides by its volume")
+    features: list[Literal[REGION_FEATURES]] = Field(min_length=1)  # type: ignore[valid-type]
+    mean: list[float]
+    scale: list[Positive]
+    coefficients: list[float]
+    intercept: float
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> RegionClassifier:
+        lengths = {len(self.features), len(self.mean), len(self.scale), len(self.coefficients)}
+        if len(lengths) > 1:
+            raise ValueError("features, mean, scale and coefficients must have one entry "
+                             "per feature")
+        if "volume_ratio" in self.features and self.reference_label is None:
+            raise ValueError("feature volume_ratio needs reference_label")
+        return self
+
+
 class ClassificationHead(_Section):
-    """One classification output: its classes, which one is the finding, and the
-    probability at or above which the finding is reported."""
+    """One classification output: its classes, which one is the finding, the probability at
+    or above which the finding is reported, and the model that gives that probability
+    (``region``: a logistic model over the segmented region; the only kind so far)."""
 
     name: Name
-    classes: list[str] = Field(min_length=2)
+    classes: list[str] = Field(min_length=2, max_length=2)
     positive: str
     threshold: float = Field(0.5, ge=0, le=1)
+    region: RegionClassifier
 
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> ClassificationHead:
@@ -315,6 +356,15 @@ def _across_sections(manifest: Manifest) -> list[tuple[str, str]]:
         problems.append(("network.args.in_channels",
                          f"is {in_channels} but input.channels names "
                          f"{len(manifest.input.channels)} role(s) (got {in_channels!r})"))
+    labels = {label.value for label in manifest.outputs.segmentation.labels} \
+        if manifest.outputs.segmentation else set()
+    for index, head in enumerate(manifest.outputs.classification):
+        for key in ("label", "reference_label"):
+            value = getattr(head.region, key)
+            if value is not None and value not in labels:
+                problems.append((f"outputs.classification.{index}.region.{key}",
+                                 f"is not a value of outputs.segmentation.labels "
+                                 f"(got {value!r})"))
     return problems
 
 

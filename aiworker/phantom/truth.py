@@ -53,8 +53,14 @@ def truth_series(study: WrittenStudy) -> WrittenSeries:
 
 
 def label_image(labels: np.ndarray, geometry: SliceGeometry) -> sitk.Image:
-    """``labels`` (slices, rows, columns) as a SimpleITK image in ``geometry``."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(labels, dtype=np.uint8))
+    """``labels`` (slices, rows, columns) as a uint8 SimpleITK image in ``geometry``."""
+    return series_image(labels.astype(np.uint8, copy=False), geometry)
+
+
+def series_image(pixels: np.ndarray, geometry: SliceGeometry) -> sitk.Image:
+    """``pixels`` (slices, rows, columns) as a SimpleITK image in ``geometry``, with the
+    geometry a DICOM reader derives from the series' headers."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(pixels))
     image.SetOrigin([float(v) for v in geometry.position(0)])
     image.SetSpacing([geometry.column_spacing, geometry.row_spacing,
                       geometry.spacing_between_slices])

@@ -1,0 +1,165 @@
+"""Run one resident model on loaded series: preprocess, sliding window, postprocess, findings.
+
+An :class:`Engine` loads its model once, on the device the node was given (``auto``: CUDA
+when torch sees a GPU, else the CPU), and then runs any number of series. A run:
+
+1. **preprocess**: the input series (one per manifest channel role) are oriented, resampled,
+   cropped/padded and normalized (:func:`aiworker.infer.preprocess.model_input`);
+2. **model**: MONAI sliding-window inference over the ROI of the manifest with batched
+   windows, under ``torch.inference_mode`` and, on a GPU, autocast to the manifest's AMP
+   dtype;
+3. **postprocess**: argmax, optionally the largest connected part of each label, and the
+   classification heads (measured on the label map in model space);
+4. **resample**: the label map back onto the first input series by nearest neighbour, so
+   slice k of the result belongs to that series' slice k; volumes are counted there.
+
+Failures carry a ``kind``: :class:`ModelError` (``model``: the network rejects the input
+shape or its output does not fit the manifest) and :class:`ResourceError` (``resource``: out
+of memory, device lost). Out of GPU memory, the run is tried once more on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+
+from aiworker.infer import findings
+from aiworker.infer.manifest import Manifest, ModelError
+from aiworker.infer.preprocess import ModelInput, labels_image, model_input, voxel_ml
+from aiworker.infer.registry import ModelSpec, load_model, model_id
+from aiworker.infer.volume import LoadedSeries, labels_to_series
+
+log = logging.getLogger(__name__)
+
+
+class ResourceError(Exception):
+    """The device ran out of memory or went away; the same job may succeed later."""
+
+    kind = "resource"
+
+
+@dataclass
+class Result:
+    """One series' labels on its own slices, the findings, and seconds per step."""
+
+    labels: np.ndarray  # (slices, rows, columns) uint8, slice k = source slice k
+    label_image: sitk.Image  # the same with the source series' geometry
+    findings: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; otherwise the device named."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+class Engine:
+    """One model, loaded once, that segments and classifies series."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto"):
+        self.spec = spec
+        self.manifest: Manifest = spec.manifest
+        self.device = pick_device(device)
+        self.network = load_model(spec, self.device)
+        self._cpu_network: torch.nn.Module | None = None
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.spec)
+
+    def run(self, series: list[LoadedSeries]) -> Result:
+        """Segment and classify ``series`` (one per input channel, in channel order)."""
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        prepared = model_input([s.image for s in series], self.manifest.input)
+        timings["preprocess"] = _since(started)
+        started = time.perf_counter()
+        logits, device = self._infer_with_fallback(prepared.array)
+        timings["model"] = _since(started)
+        started = time.perf_counter()
+        labels = self.labels_from_logits(logits)
+        heads = self.classify(labels, prepared)
+        timings["postprocess"] = _since(started)
+        started = time.perf_counter()
+        on_source = labels_to_series(labels_image(labels, prepared.reference), series[0])
+        label_image = sitk.GetImageFromArray(on_source)
+        label_image.CopyInformation(series[0].image)
+        volumes = findings.volumes_ml(on_source, voxel_ml(series[0].image), self.manifest)
+        timings["resample"] = _since(started)
+        result_findings = {"model": self.model_id, "series_uid": series[0].series_uid,
+                           "volumes_ml": volumes, "classification": heads}
+        return Result(on_source, label_image, result_findings, timings, device.type)
+
+    def infer(self, array: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+        """Logits (classes, x, y, z) for a model input array (channels, x, y, z)."""
+        device = device or self.device
+        network = self.network if device == self.device else self._on_cpu()
+        settings = self.manifest.inference
+        roi = settings.roi_size or list(array.shape[1:])
+        amp = device.type == "cuda" and settings.amp_dtype != "none"
+        dtype = getattr(torch, settings.amp_dtype) if amp else None
+        inputs = torch.from_numpy(array[None]).to(device)
+        try:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+                logits = sliding_window_inference(inputs, roi, settings.sw_batch_size,
+                                                  network, settings.overlap, mode="gaussian")
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ResourceError(f"out of GPU memory on {device}") from exc
+        except RuntimeError as exc:
+            if "CUDA" in str(exc) or "device" in str(exc).lower() and device.type == "cuda":
+                raise ResourceError(f"GPU failed: {str(exc).splitlines()[0][:160]}") from exc
+            raise ModelError(f"{self.model_id}: the network rejects an input of shape "
+                             f"{tuple(inputs.shape)}: {str(exc).splitlines()[0][:160]}") from exc
+        if isinstance(logits, (tuple, list, dict)):
+            raise ModelError(f"{self.model_id}: the network returns several outputs; "
+                             "a segmentation model returns one tensor")
+        return logits[0].float().cpu().numpy()
+
+    def labels_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Argmax label map (x, y, z) uint8, cut to largest parts if the manifest says so."""
+        segmentation = self.manifest.outputs.segmentation
+        expected = 1 + max((label.value for label in segmentation.labels), default=0) \
+            if segmentation else None
+        if expected is not None and logits.shape[0] < expected:
+            raise ModelError(f"{self.model_id}: the network outputs {logits.shape[0]} "
+                             f"channels but the manifest's labels need {expected}")
+        labels = np.argmax(logits, axis=0).astype(np.uint8)
+        if segmentation and segmentation.largest_component:
+            labels = findings.largest_components(labels, [lb.value for lb in segmentation.labels])
+        return labels
+
+    def classify(self, labels: np.ndarray, prepared: ModelInput) -> dict[str, Any]:
+        """Every classification head's finding, keyed by head name."""
+        spacing = prepared.reference.GetSpacing()
+        return {head.name: findings.classify(head, labels, prepared.array[0], spacing)
+                for head in self.manifest.outputs.classification}
+
+    def _infer_with_fallback(self, array: np.ndarray) -> tuple[np.ndarray, torch.device]:
+        try:
+            return self.infer(array), self.device
+        except ResourceError:
+            if self.device.type != "cuda":
+                raise
+            log.warning("model %s: GPU failed, running this series on the CPU", self.model_id)
+            torch.cuda.empty_cache()
+            cpu = torch.device("cpu")
+            return self.infer(array, cpu), cpu
+
+    def _on_cpu(self) -> torch.nn.Module:
+        if self._cpu_network is None:
+            self._cpu_network = load_model(self.spec, "cpu")
+        return self._cpu_network
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 4)
