@@ -25,6 +25,7 @@ from aiworker import logs
 from aiworker.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # the commands import their stages lazily, to start fast
+    from aiworker.infer.offline import Run
     from aiworker.select.decide import Pipeline, StudyDecision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -463,6 +464,91 @@ def _replay(cfg: Config, pipelines: list[Pipeline], since_s: float | None, as_js
                           before if change.recorded else "(no decision recorded)", after,
                           change.why)
         console.print(table)
+
+
+@app.command()
+def infer(
+    path: Annotated[Path, typer.Argument(
+        exists=True, help="A study folder, or a folder of studies (DICOM files, any nesting).")],
+    out: Annotated[Path, typer.Option("--out", help="Each study's files go to "
+                                                    "OUT/<StudyInstanceUID>/.")],
+    model: Annotated[str | None, typer.Option(
+        help="name or name@version; default: the configured pipeline's model.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto, cpu, cuda or cuda:N; default: inference.device from the config.")] = None,
+    models_dir: Annotated[Path | None, typer.Option(
+        help="A folder of site models (<folder>/model.yaml) beside the bundled ones; "
+             "default: inference.models_dir from the config.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Offline selection and inference over a folder of studies: per study a label volume
+    (NIfTI), findings and timings. Exit code 1 when any study has no result."""
+    from aiworker.infer import offline
+    from aiworker.select.headers import scan_folder
+
+    run = _infer_run(_select_config(config), model, device, models_dir, out)
+    studies, _skipped = scan_folder(path)
+    if not studies:
+        err.print(f"no DICOM series found under {path}")
+        raise typer.Exit(1)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task(f"inference ({run.engine.model_id})", total=len(studies))
+        results = offline.run_studies(studies, run, on_done=lambda _r: bar.advance(task))
+    if as_json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        console.print(offline.summary_table(results))
+        for line in offline.problem_lines(results):
+            console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if all(r.status == offline.DONE for r in results) else 1)
+
+
+def _infer_run(cfg: Config, model: str | None, device: str | None, models_dir: Path | None,
+               out: Path) -> Run:
+    """The pipeline and the loaded engine ``infer`` runs; a problem exits with code 2."""
+    from aiworker.infer.manifest import ManifestError, ModelError
+    from aiworker.infer.offline import OfflineError, Run, load_engine, pick_pipeline
+    from aiworker.select.decide import configured_pipelines, feature_settings
+    from aiworker.select.rules import RuleError
+
+    device = device or cfg.inference.device
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise typer.BadParameter("use auto, cpu, cuda or cuda:N", param_hint="--device")
+    try:
+        pipeline = pick_pipeline(configured_pipelines(cfg), model)
+        engine = load_engine(model or pipeline.model, models_dir or cfg.inference.models_dir,
+                             device)
+    except (RuleError, ManifestError) as exc:
+        for line in exc.problems:
+            print(f"infer: {line}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    except (OfflineError, ModelError) as exc:
+        err.print(f"infer: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
+    return Run(pipeline, engine, feature_settings(cfg), out)
+
+
+@app.command("train-demo")
+def train_demo(
+    seed: Annotated[int | None, typer.Option(help="Seed of everything random (default 0).")] = None,
+    cases: Annotated[int | None, typer.Option(help="Training studies (default 160).")] = None,
+    fit_cases: Annotated[int | None, typer.Option(
+        help="Studies the ACL head is fitted on (default 60).")] = None,
+    iterations: Annotated[int | None, typer.Option(
+        help="Training iterations (default 3000).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes drawing the studies (default: one per CPU).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where model.pt and model.yaml go (default: the bundled knee_demo folder).")] = None,
+) -> None:
+    """Train the bundled knee-demo model on phantoms (python -m aiworker.models.knee_demo.train)."""
+    from aiworker.models.knee_demo import train
+
+    options = {"--seed": seed, "--cases": cases, "--fit-cases": fit_cases,
+               "--iterations": iterations, "--workers": workers, "--out": out}
+    train.main([arg for flag, value in options.items() if value is not None
+                for arg in (flag, str(value))])
 
 
 @app.command()
