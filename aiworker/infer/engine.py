@@ -21,6 +21,7 @@ of memory, device lost). Out of GPU memory, the run is tried once more on the CP
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,14 +116,17 @@ class Engine:
                                                   network, settings.overlap, mode="gaussian")
         except torch.cuda.OutOfMemoryError as exc:
             raise ResourceError(f"out of GPU memory on {device}") from exc
-        except RuntimeError as exc:
-            if "CUDA" in str(exc) or "device" in str(exc).lower() and device.type == "cuda":
-                raise ResourceError(f"GPU failed: {str(exc).splitlines()[0][:160]}") from exc
+        except Exception as exc:  # whatever the network raises on our input is its failure
+            if device.type == "cuda" and ("CUDA" in str(exc) or "device" in str(exc).lower()):
+                raise ResourceError(f"GPU failed: {_first_line(exc)}") from exc
             raise ModelError(f"{self.model_id}: the network rejects an input of shape "
-                             f"{tuple(inputs.shape)}: {str(exc).splitlines()[0][:160]}") from exc
+                             f"{tuple(inputs.shape)}: {_first_line(exc)}") from exc
         if isinstance(logits, (tuple, list, dict)):
             raise ModelError(f"{self.model_id}: the network returns several outputs; "
                              "a segmentation model returns one tensor")
+        if logits.shape[2:] != inputs.shape[2:]:
+            raise ModelError(f"{self.model_id}: the network's output {tuple(logits.shape)} "
+                             f"does not match its input {tuple(inputs.shape)} voxel for voxel")
         return logits[0].float().cpu().numpy()
 
     def labels_from_logits(self, logits: np.ndarray) -> np.ndarray:
@@ -159,6 +163,17 @@ class Engine:
         if self._cpu_network is None:
             self._cpu_network = load_model(self.spec, "cpu")
         return self._cpu_network
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's message in one line of at most 160 characters: for a TorchScript
+    error (a traceback of the script) its final error line, else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("The following operation failed in the TorchScript"):
+        errors = [line.partition(": ")[2] for line in lines
+                  if re.match(r"\w+(Error|Exception): ", line)]
+        lines = errors[-1:] or lines
+    return (lines or [type(exc).__name__])[0][:160]
 
 
 def _since(started: float) -> float:
