@@ -195,6 +195,34 @@ def _print_study_status(study: dict[str, Any]) -> None:
     console.print(table)
     for pipeline, decision in study["selection"].items():
         console.print(f"  {pipeline}: {_decision_line(decision, study)}", highlight=False)
+        for job in decision["jobs"]:
+            if job["state"] != "superseded":
+                console.print(f"    {_job_line(job)}", highlight=False, markup=False,
+                              soft_wrap=True)
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    """A job in words: its state, model, device and time per step, then its findings, or
+    its error with its kind and how to retry it."""
+    short = job["job_id"][:8]
+    line = f"job {short} {job['state']}: {job['model']}"
+    timings = job["timings"] or {}
+    if job["device"]:
+        line += f" on {job['device']}"
+    if "total" in timings:
+        steps = ", ".join(f"{step} {seconds:.2f}" for step, seconds in timings.items()
+                          if step != "total")
+        line += f" in {timings['total']:.2f} s ({steps})"
+    if job["state"] == "failed":
+        retry = f"queue it again: aiworker retry {short}"
+        return f"{line}\n      {job['error_kind']} error: {job['error']} ({retry})"
+    findings = job["findings"] or {}
+    volumes = ", ".join(f"{name} {ml:.1f} mL"
+                        for name, ml in findings.get("volumes_ml", {}).items())
+    heads = ", ".join(f"{name} {head['decision']} (p {head['probability']:.2f})"
+                      for name, head in findings.get("classification", {}).items())
+    shown = "; ".join(part for part in (volumes, heads) if part)
+    return f"{line}\n      {shown}" if shown else line
 
 
 def _verdict_cell(verdict: dict[str, Any] | None) -> str:
@@ -287,10 +315,56 @@ def _selection_json(decision: dict[str, Any], jobs: list[dict[str, Any]]) -> dic
         "jobs": [
             {"job_id": j["job_id"], "job_key": j["job_key"], "state": j["state"],
              "model": j["model"], "series_uid": j["series_uid"], "inputs": j["inputs"],
-             "created_at": _when(j["created_at"]), "updated_at": _when(j["updated_at"])}
+             "created_at": _when(j["created_at"]), "updated_at": _when(j["updated_at"]),
+             "started_at": _when(j["started_at"]), "finished_at": _when(j["finished_at"]),
+             "attempts": j["attempts"], "device": j["device"], "timings": j["timings"],
+             "findings": j["findings"], "error_kind": j["error_kind"], "error": j["error"],
+             "result_dir": j["result_dir"]}
             for j in jobs
         ],
     }
+
+
+JobArgument = Annotated[str, typer.Argument(
+    help="The job id, or its first characters as `aiworker status` shows them.")]
+
+
+@app.command()
+def retry(job: JobArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Queue a failed job again; the running node picks it up."""
+    _requeue_failed(job, config, "retry")
+
+
+@app.command()
+def resend(job: JobArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Queue a failed job again (for now the same as retry)."""
+    _requeue_failed(job, config, "resend")
+
+
+def _requeue_failed(ref: str, config: Path, command: str) -> None:
+    """Re-queue the failed job ``ref`` names in the node's state DB; exit 1 when it names
+    no job, several, or one that is not failed."""
+    from aiworker.store.db import JobError, StateDB
+    from aiworker.store.layout import DataPaths
+
+    db_path = DataPaths(_config(config).storage.data_dir).db
+    if not db_path.exists():
+        err.print(f"{command}: no state DB at {db_path}: no jobs yet", highlight=False,
+                  markup=False)
+        raise typer.Exit(1)
+    db = StateDB(db_path)
+    try:
+        job = db.retry_job(ref)
+    except JobError as exc:
+        err.print(f"{command}: {exc}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    finally:
+        db.close()
+    console.print(f"job {job['job_id']} ({job['model']}, study {job['study_uid']}) queued "
+                  f"again after {job['attempts']} attempt(s); it had failed "
+                  f"({job['error_kind']}): {job['error']}\n"
+                  "the running node picks it up: follow it with `aiworker status`",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 RulesOption = Annotated[list[Path] | None, typer.Option(

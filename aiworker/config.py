@@ -125,7 +125,16 @@ class Web(_Section):
 
 
 class Inference(_Section):
+    """Where and how models run: the device, the site's models, the time limit of a job and
+    the share of the CPU the inference process may take from receiving."""
+
     device: str = "auto"
+    models_dir: Path | None = Field(None, description="folder of site models, beside the "
+                                                      "bundled ones")
+    time_limit_s: float | None = Field(None, gt=0, description="None = each model's own "
+                                                               "inference.time_limit_s")
+    threads: int | None = Field(None, ge=1, description="torch threads; None = CPUs - 1")
+    nice: int = Field(10, ge=0, le=19, description="niceness of the inference process")
 
     @field_validator("device")
     @classmethod

@@ -199,7 +199,10 @@ def test_status_shows_each_decision_its_job_and_the_reasons(spooled, tmp_path):
         "model": "knee-demo", "series_uid": chosen[short["study_uid"]],
         "inputs": {"main": chosen[short["study_uid"]]},
         "created_at": decision["jobs"][0]["created_at"],
-        "updated_at": decision["jobs"][0]["updated_at"]}]
+        "updated_at": decision["jobs"][0]["updated_at"],
+        "started_at": None, "finished_at": None, "attempts": 0, "device": None,
+        "timings": None, "findings": None, "error_kind": None, "error": None,
+        "result_dir": None}]
     [series] = short["series"]
     assert series["selection"] == {"knee/main": {"matched": True,
                                                  "reason": "chosen: meets every condition"}}

@@ -20,6 +20,16 @@ adds a ``jobs`` row in state ``queued``; its ``job_key`` is derived from the stu
 chosen series and the model (:func:`job_key`), so selecting the same series for the same
 model again finds the same job instead of adding one. A queued job that a newer decision
 no longer wants becomes ``superseded``.
+
+Inference jobs: a worker claims the oldest ``queued`` job, which becomes ``running`` (one
+more ``attempts``) in one statement, and ends it ``done`` (findings, timings per step,
+device, result folder) or ``failed`` (the error, its kind - ``data``, ``model`` or
+``resource`` - and the timings so far). A job still ``running`` when the node starts was cut
+off by a crash and is queued again (:meth:`StateDB.requeue_running`); an operator re-queues a
+failed one (:meth:`StateDB.retry_job`). Each change adds an event (``job_started``,
+``job_done``, ``job_failed``, ``job_requeued``, ``job_retried``).
+
+An older DB opens as well: columns added since it was made are added to it at start.
 """
 
 from __future__ import annotations
@@ -115,15 +125,31 @@ CREATE TABLE IF NOT EXISTS jobs (
     inputs     TEXT NOT NULL,
     state      TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    started_at  REAL,
+    finished_at REAL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    device      TEXT,
+    timings     TEXT,
+    findings    TEXT,
+    error       TEXT,
+    error_kind  TEXT,
+    result_dir  TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 """
 
-# Events an operator must see: something was refused, lost or repaired.
+# Events an operator must see: something was refused, lost, repaired or failed.
 PROBLEM_EVENTS = ("store_failed", "association_rejected", "instance_missing", "quarantined",
-                  "reconcile")
+                  "reconcile", "job_failed")
+
+# Columns added to a table after its first release: an older DB gets them at start.
+ADDED_COLUMNS = {
+    "jobs": {"started_at": "REAL", "finished_at": "REAL",
+             "attempts": "INTEGER NOT NULL DEFAULT 0", "device": "TEXT", "timings": "TEXT",
+             "findings": "TEXT", "error": "TEXT", "error_kind": "TEXT", "result_dir": "TEXT"},
+}
 
 RECEIVING = "receiving"
 COMPLETE = "complete"
@@ -131,6 +157,14 @@ STORED = "stored"
 MISSING = "missing"
 QUEUED = "queued"
 SUPERSEDED = "superseded"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+ERROR_KINDS = ("data", "model", "resource")
+
+
+class JobError(Exception):
+    """A job reference that names no job, several jobs, or a job in the wrong state."""
 
 
 def job_key(study_uid: str, inputs: dict[str, str], model: str) -> str:
@@ -194,6 +228,7 @@ class StateDB:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     cur.execute(statement)
+            _add_missing_columns(cur)
 
     def close(self) -> None:
         with self._lock:
@@ -361,7 +396,109 @@ class StateDB:
         if study_uid is not None:
             sql, params = sql + " WHERE study_uid = ?", (study_uid,)
         rows = self._query(sql + " ORDER BY created_at, job_id", params)
-        return [dict(r, inputs=json.loads(r["inputs"])) for r in rows]
+        return [_job(r) for r in rows]
+
+    # --- inference jobs ----------------------------------------------------------------
+
+    def series_instance_paths(self, series_uid: str) -> list[str]:
+        """The paths of a series' stored instances, to load it as a volume."""
+        rows = self._query("SELECT path FROM instances WHERE series_uid = ? AND state = ?"
+                           " ORDER BY received_at, sop_uid", (series_uid, STORED))
+        return [row["path"] for row in rows]
+
+    def claim_job(self) -> dict[str, Any] | None:
+        """Take the oldest queued job: it becomes ``running`` with one more attempt in a
+        single statement, so two workers never take the same job. None when none waits."""
+        now = time.time()
+        with self._transaction() as cur:
+            row = cur.execute(
+                "UPDATE jobs SET state = ?, started_at = ?, updated_at = ?, finished_at = NULL,"
+                " attempts = attempts + 1 WHERE state = ? AND job_id = (SELECT job_id FROM jobs"
+                " WHERE state = ? ORDER BY created_at, job_id LIMIT 1) RETURNING *",
+                (RUNNING, now, now, QUEUED, QUEUED),
+            ).fetchone()
+            if row is not None:
+                _event(cur, "job_started", row["study_uid"], row["series_uid"], None,
+                       job_id=row["job_id"], model=row["model"], attempt=row["attempts"])
+        return None if row is None else _job(row)
+
+    def finish_job(self, job_id: str, findings: dict[str, Any], timings: dict[str, float],
+                   device: str, result_dir: str) -> bool:
+        """A running job is ``done``; False when it was not running (nothing changes)."""
+        now = time.time()
+        with self._transaction() as cur:
+            row = cur.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, findings = ?,"
+                " timings = ?, device = ?, result_dir = ?, error = NULL, error_kind = NULL"
+                " WHERE job_id = ? AND state = ? RETURNING study_uid, series_uid, model",
+                (DONE, now, now, json.dumps(findings), json.dumps(timings), device, result_dir,
+                 job_id, RUNNING),
+            ).fetchone()
+            if row is not None:
+                _event(cur, "job_done", row["study_uid"], row["series_uid"], None,
+                       job_id=job_id, model=row["model"], device=device, timings=timings)
+        return row is not None
+
+    def fail_job(self, job_id: str, error: str, kind: str, timings: dict[str, float],
+                 device: str | None = None) -> bool:
+        """A running job is ``failed`` with its error, the error's kind (one of
+        :data:`ERROR_KINDS`) and the timings of the steps it finished; False when it was
+        not running."""
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"error kind must be one of {', '.join(ERROR_KINDS)}, not {kind!r}")
+        now = time.time()
+        with self._transaction() as cur:
+            row = cur.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, error = ?,"
+                " error_kind = ?, timings = ?, device = ? WHERE job_id = ? AND state = ?"
+                " RETURNING study_uid, series_uid, model",
+                (FAILED, now, now, error, kind, json.dumps(timings), device, job_id, RUNNING),
+            ).fetchone()
+            if row is not None:
+                _event(cur, "job_failed", row["study_uid"], row["series_uid"], None,
+                       job_id=job_id, model=row["model"], error_kind=kind,
+                       reason=f"{kind} error: {error}")
+        return row is not None
+
+    def requeue_running(self, reason: str = "restart") -> list[str]:
+        """Queue again every ``running`` job (its run was cut off: a crash, or the node
+        stopping mid-job); returns their ids."""
+        now = time.time()
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?"
+                " RETURNING job_id, study_uid, series_uid, model", (QUEUED, now, RUNNING),
+            ).fetchall()
+            for row in rows:
+                _event(cur, "job_requeued", row["study_uid"], row["series_uid"], None,
+                       job_id=row["job_id"], model=row["model"], reason=reason)
+        return [row["job_id"] for row in rows]
+
+    def retry_job(self, ref: str) -> dict[str, Any]:
+        """Queue a failed job again; ``ref`` is its job_id or a prefix of its job_id or
+        job_key. Returns the job as it was before. Raises :class:`JobError` when ``ref``
+        names no job, several jobs, or a job that is not ``failed``."""
+        ref = ref.strip()
+        if not ref:
+            raise JobError("give a job id (or its first characters)")
+        now = time.time()
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "SELECT * FROM jobs WHERE SUBSTR(job_id, 1, ?) = ? OR SUBSTR(job_key, 1, ?) = ?"
+                " ORDER BY created_at, job_id", (len(ref), ref, len(ref), ref),
+            ).fetchall()
+            job = _only_job(ref, rows)
+            if job["state"] != FAILED:
+                raise JobError(f"job {job['job_id']} is {job['state']}, not failed: only a "
+                               "failed job can be retried")
+            cur.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, finished_at = NULL, error = NULL,"
+                " error_kind = NULL, findings = NULL, device = NULL, result_dir = NULL"
+                " WHERE job_id = ?", (QUEUED, now, job["job_id"]))
+            _event(cur, "job_retried", job["study_uid"], job["series_uid"], None,
+                   job_id=job["job_id"], model=job["model"], error_kind=job["error_kind"],
+                   error=job["error"], attempts=job["attempts"])
+        return job
 
     # --- reconcile ---------------------------------------------------------------------
 
@@ -410,6 +547,36 @@ class StateDB:
             sql += f" WHERE kind IN ({', '.join('?' * len(kinds))})"
         rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*kinds, limit))
         return [dict(r, detail=json.loads(r["detail"] or "{}")) for r in rows]
+
+
+def _add_missing_columns(cur: sqlite3.Cursor) -> None:
+    """Add to each table of :data:`ADDED_COLUMNS` the columns an older DB lacks."""
+    for table, columns in ADDED_COLUMNS.items():
+        cur.execute(f"SELECT * FROM {table} LIMIT 0")  # table names are constants
+        present = {column[0] for column in cur.description}
+        for name, definition in columns.items():
+            if name not in present:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+
+
+def _job(row: sqlite3.Row) -> dict[str, Any]:
+    """A jobs row as a dict, its JSON columns parsed."""
+    job = dict(row)
+    job["inputs"] = json.loads(job["inputs"])
+    for column in ("timings", "findings"):
+        job[column] = json.loads(job[column]) if job.get(column) else None
+    return job
+
+
+def _only_job(ref: str, rows: list[sqlite3.Row]) -> dict[str, Any]:
+    """The one job ``ref`` names: an exact job_id wins over prefixes."""
+    exact = [row for row in rows if row["job_id"] == ref]
+    if exact or len(rows) == 1:
+        return _job((exact or rows)[0])
+    if not rows:
+        raise JobError(f"no job {ref!r}: see `aiworker status` for job ids")
+    shown = ", ".join(row["job_id"] for row in rows[:5])
+    raise JobError(f"{ref!r} names {len(rows)} jobs ({shown}): give more of the id")
 
 
 def _upsert_study(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
