@@ -30,6 +30,7 @@ import yaml
 from pydicom.uid import generate_uid
 from support import AIWORKER, REPO
 
+from aiworker.config import ConfigError, load_config
 from aiworker.infer.manifest import ManifestError
 from aiworker.infer.registry import Registry
 from aiworker.infer.volume import load_series
@@ -238,7 +239,26 @@ def test_a_prefix_of_two_jobs_is_refused(tmp_path):
     db.close()
 
 
-# ------------------------------------------------------------------ resolving the models
+# ------------------------------------------------------------------ config and models
+
+
+def test_inference_config_keys(tmp_path):
+    path = tmp_path / "aiworker.yaml"
+    path.write_text(yaml.safe_dump({"inference": {"models_dir": "/srv/models",
+                                                  "time_limit_s": 30, "threads": 3}}))
+    inference = load_config(path, environ={}).inference
+    assert (inference.models_dir, inference.time_limit_s, inference.threads,
+            inference.nice) == (Path("/srv/models"), 30.0, 3, 10)
+    assert load_config(REPO / "config" / "aiworker.yaml", environ={}).inference == \
+        load_config(path, environ={}).inference.model_copy(
+            update={"models_dir": None, "time_limit_s": None, "threads": None})
+    path.write_text(yaml.safe_dump({"inference": {"time_limit_s": 0, "threads": 0,
+                                                  "nice": 20}}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={"AIWORKER_INFERENCE__MODELS_DIR": "[1]"})
+    assert sorted(line.split(": ")[1] for line in caught.value.problems) == [
+        "inference.models_dir", "inference.nice", "inference.threads",
+        "inference.time_limit_s"]
 
 
 def knee_pipeline(model: str) -> Pipeline:

@@ -251,8 +251,9 @@ class InferenceWorker:
                 self._stop.wait(self.interval)
 
 
-def _failure(kind: str, error: str, timings: dict[str, float] | None = None) -> dict[str, Any]:
-    return {"ok": False, "kind": kind, "error": error, "timings": timings or {}}
+def _failure(kind: str, error: str) -> dict[str, Any]:
+    """A failed job's reply made on the node's side."""
+    return {"ok": False, "kind": kind, "error": error, "timings": {}}
 
 
 def _show_timings(timings: dict[str, float]) -> str:
