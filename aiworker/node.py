@@ -1,5 +1,10 @@
 """The running node: opens the store, reconciles it, starts the completion scheduler, the
-select stage and the SCP.
+select stage, the infer stage and the SCP.
+
+At start every pipeline's model is resolved in the model registry (bundled models plus
+``inference.models_dir``); an unknown model or an invalid manifest stops ``aiworker serve``
+with one line per problem and exit code 2. Jobs still ``running`` from a crash are queued
+again before the infer stage starts.
 
 ``aiworker serve`` is :func:`serve`; tests and benchmarks start it the same way, as a
 subprocess, so what they exercise is what operators run.
@@ -14,6 +19,8 @@ import threading
 from collections.abc import Callable
 
 from aiworker.config import Config
+from aiworker.infer.manifest import ManifestError
+from aiworker.infer.worker import InferenceWorker, resolve_models, worker_settings
 from aiworker.receive.processes import ReceiverProcesses
 from aiworker.receive.scp import Receiver
 from aiworker.select.decide import configured_pipelines, feature_settings
@@ -27,19 +34,25 @@ from aiworker.store.spool import Spool
 
 log = logging.getLogger("aiworker.node")
 
+SIGNAL_CHECK_S = 0.2  # how often the main thread looks for a stop signal
+
 
 class Node:
     """All the node's long-running parts, started and stopped together."""
 
     def __init__(self, config: Config):
-        """Raises RuleError when a pipeline's rule file is missing or wrong."""
+        """Raises RuleError when a pipeline's rule file is missing or wrong, ManifestError
+        when a pipeline's model is unknown or its manifest invalid."""
         self.config = config
         pipelines = configured_pipelines(config)
+        models = resolve_models(pipelines, config.inference.models_dir)
         self.paths = DataPaths(config.storage.data_dir)
         self.spool = Spool(self.paths.spool, fsync=config.storage.fsync)
         self.db = StateDB(self.paths.db)
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
         self.selector = SelectionWorker(self.db, pipelines, feature_settings(config))
+        self.inferrer = InferenceWorker(self.db, worker_settings(
+            config, models, self.paths.root / "results"))
         self.receiver: Receiver | ReceiverProcesses
         if config.node.receive_processes > 1:
             self.receiver = ReceiverProcesses(config)
@@ -49,14 +62,20 @@ class Node:
     def start(self) -> None:
         report = reconcile(self.spool, self.db, self.paths.quarantine)
         log.info("reconcile: %s", report)
+        requeued = self.db.requeue_running("restart")
+        if requeued:
+            log.info("jobs %s were running when the node stopped; queued again",
+                     ", ".join(requeued))
         self.scheduler.start()
         self.selector.start()
+        self.inferrer.start()
         self.receiver.start()
 
     def stop(self) -> None:
         self.receiver.stop()
         self.scheduler.stop()
         self.selector.stop()
+        self.inferrer.stop()
         self.db.close()
 
 
@@ -72,6 +91,10 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
         for line in exc.problems:
             log.error("rules error: %s", line)
         raise SystemExit(2) from exc
+    except ManifestError as exc:
+        for line in exc.problems:
+            log.error("model error: %s", line)
+        raise SystemExit(2) from exc
     except (OSError, sqlite3.Error) as exc:
         log.error("cannot open the data dir %s: %s", config.storage.data_dir, exc)
         raise SystemExit(1) from exc
@@ -82,6 +105,9 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
         node.stop()
         raise SystemExit(1) from exc
     on_ready()
-    stopping.wait()
+    # Wake now and then: a signal that the kernel hands to another thread (the libraries
+    # of the infer stage start some) only runs its handler once the main thread runs.
+    while not stopping.wait(SIGNAL_CHECK_S):
+        pass
     log.info("stopping")
     node.stop()

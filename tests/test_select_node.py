@@ -32,13 +32,16 @@ def test_a_sent_study_becomes_a_queued_job_explained_in_status(node, tmp_path):
     send(node, study)
 
     [job] = wait_until(lambda: node.sql("SELECT * FROM jobs"), 30, "a job row")
-    assert (job["state"], job["study_uid"], job["series_uid"], job["pipeline"],
-            job["model"]) == ("queued", study.study_uid, target, "knee", "knee-demo")
+    assert (job["study_uid"], job["series_uid"], job["pipeline"], job["model"]) == \
+        (study.study_uid, target, "knee", "knee-demo")
+    running = ("queued", "running", "done")  # the infer stage takes the job at once
+    assert job["state"] in running
 
     status = node.study_status(study.study_uid)
     decision = status["selection"]["knee"]
     assert decision["matched"] and decision["chosen"] == {"main": target}
-    assert [(j["job_id"], j["state"]) for j in decision["jobs"]] == [(job["job_id"], "queued")]
+    assert [j["job_id"] for j in decision["jobs"]] == [job["job_id"]]
+    assert decision["jobs"][0]["state"] in running
     reasons = {s["series_uid"]: s["selection"]["knee/main"]["reason"] for s in status["series"]}
     roles = {s.uid: s.plan.role for s in study.series}
     assert reasons[target] == "chosen: meets every condition"
