@@ -21,8 +21,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from aiworker.infer.manifest import (
     MANIFEST_NAME,
@@ -32,6 +31,9 @@ from aiworker.infer.manifest import (
     Network,
     load_manifest,
 )
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded: the node's own process
+    import torch  # checks manifests without it
 
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
 BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
@@ -119,6 +121,8 @@ def _version_key(version: str) -> tuple:
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model's network with its weights, in eval mode on ``device``."""
+    import torch
+
     loaders = {"torchscript": _load_torchscript, "state_dict": _load_state_dict,
                "monai_bundle": _load_bundle}
     network = loaders[spec.manifest.format](spec)
@@ -154,6 +158,7 @@ def _load_bundle(spec: ModelSpec) -> torch.nn.Module:
 
 def _bundle_network(bundle: Path, mid: str) -> torch.nn.Module:
     """The network a bundle's inference config defines, built by MONAI's ConfigParser."""
+    import torch
     from monai.bundle import ConfigParser
 
     config = next((bundle / "configs" / name for name in BUNDLE_CONFIGS
@@ -188,6 +193,8 @@ def _build_network(network: Network, mid: str) -> torch.nn.Module:
 
 def _network_class(name: str, mid: str) -> type[torch.nn.Module]:
     """A class from ``monai.networks.nets`` by short name, or a dotted path inside monai."""
+    import torch
+
     module_name, _, attr = name.rpartition(".")
     if not module_name:
         module_name = "monai.networks.nets"
@@ -205,6 +212,8 @@ def _network_class(name: str, mid: str) -> type[torch.nn.Module]:
 
 def _load_weights(network: torch.nn.Module, path: Path, mid: str) -> None:
     """Load a state dict saved with ``torch.save`` into ``network``, strictly."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling fails in many ways
@@ -221,6 +230,8 @@ def _load_weights(network: torch.nn.Module, path: Path, mid: str) -> None:
 def _jit_load(path: Path, mid: str) -> torch.nn.Module:
     """Load TorchScript; torch's deprecation notice for the format is not repeated in our
     log, since TorchScript is a format the manifest promises to read."""
+    import torch
+
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated",
