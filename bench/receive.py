@@ -299,8 +299,10 @@ class Target:
     describe: str
 
 
-def start_node(tools: Tools, fsync: bool, processes: int = 1) -> Callable[[Path, bool], Server]:
-    """A starter for ``aiworker serve`` with a config written into the run folder."""
+def start_node(tools: Tools, fsync: bool, processes: int = 1,
+               extra_config: str = "") -> Callable[[Path, bool], Server]:
+    """A starter for ``aiworker serve`` with a config written into the run folder
+    (``extra_config``: more YAML sections, e.g. pipelines and inference)."""
 
     def start(run_dir: Path, nodelay: bool) -> Server:
         port, data = free_port(), run_dir / "data"
@@ -310,7 +312,7 @@ def start_node(tools: Tools, fsync: bool, processes: int = 1) -> Callable[[Path,
             f"storage: {{data_dir: {json.dumps(str(data))}, min_free_mb: 1, "
             f"fsync: {str(fsync).lower()}}}\n"
             "completion: {series_stable_seconds: 5}\n"
-            "logging: {level: WARNING}\n"
+            "logging: {level: WARNING}\n" + extra_config
         )
         log = run_dir / "node.log"
         proc = PROCS.start([*tools.aiworker, "serve", "--config", str(config)],
