@@ -43,6 +43,7 @@ from aiworker.infer.registry import ModelSpec, Registry, model_id
 from aiworker.infer.volume import VolumeError
 from aiworker.select.decide import Pipeline
 from aiworker.store.db import StateDB
+from aiworker.store.spool import fsync_path
 
 log = logging.getLogger("aiworker.infer")
 
@@ -437,20 +438,12 @@ def write_results(folder: Path, label_image: Any, findings: dict[str, Any]) -> N
     folder.mkdir(parents=True, exist_ok=True)
     labels = folder / f"partial-{LABELS_FILE}"
     sitk.WriteImage(label_image, str(labels), True)
-    _fsync(labels)
+    fsync_path(labels)
     os.replace(labels, folder / LABELS_FILE)
     text = folder / f"partial-{FINDINGS_FILE}"
     text.write_text(json.dumps(findings, indent=2), encoding="utf-8")
-    _fsync(text)
+    fsync_path(text)
     os.replace(text, folder / FINDINGS_FILE)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _plain(value: Any) -> Any:

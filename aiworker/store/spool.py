@@ -116,7 +116,7 @@ class Spool:
         self._ensure_dir(folder)
         os.replace(temp, path)
         if self.fsync:
-            _fsync_dir(folder)
+            fsync_path(folder)
 
     def _ensure_dir(self, folder: Path) -> None:
         """Create the study/series folders once, fsyncing each parent so they survive a crash."""
@@ -126,7 +126,7 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         if self.fsync:
             for created in missing:
-                _fsync_dir(created.parent)
+                fsync_path(created.parent)
         self._known_dirs.add(folder)
 
     def instance_files(self) -> Iterator[Path]:
@@ -139,8 +139,9 @@ class Spool:
         yield from self.root.glob(f"*/*/.*{TEMP_SUFFIX}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data (a folder: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
