@@ -182,14 +182,16 @@ class Code(_Section):
 
 
 class Label(_Section):
-    """One segment: its value in the label volume, name, display colour (RGB 0-255) and the
-    SNOMED CT codes for segmented property category and type."""
+    """One segment: its value in the label volume, name, display colour (RGB 0-255), the
+    SNOMED CT codes for segmented property category and type, and optionally the anatomic
+    region the type lies in (cartilage: of the femur, tibia or patella)."""
 
     value: int = Field(ge=1, le=255)
     name: str = Field(min_length=1, max_length=64)
     color: Color
     category: Code
     type: Code
+    anatomic_region: Code | None = None
 
 
 class Segmentation(_Section):
