@@ -1,0 +1,197 @@
+"""The DICOM Structured Report of a job: a TID 1500 Measurement Report (highdicom).
+
+:func:`build_sr` writes what a job measured as one Comprehensive 3D SR in the source study:
+
+* procedure reported SCT 241641004 "MRI of knee" (Magnetic resonance imaging of knee);
+  observer context: the model as a device observer (name ``name version``, model name =
+  the model's name, manufacturer ``aiworker``, a device UID derived from the model alone);
+  language English (highdicom's default item);
+* one TID 1411 Volumetric ROI group per structure of ``findings["volumes_ml"]``, in the
+  manifest's label order: a tracking identifier (the structure's name, and a UID derived
+  from the source series, the model and the name), the algorithm (model name and version),
+  the referenced SEG segment (the Segmentation's SOP instance and the number of the segment
+  whose label is the structure's name) with the source series as Source Series for
+  Segmentation, finding category and type = the label's SNOMED CT codes, and the
+  measurement Volume (SCT 118565006) in UCUM ``ml``;
+* the group of a classification head's region (the ACL for knee-demo) also carries the
+  head's result: a qualitative evaluation, the finding (see :data:`FINDING_CODES`) with
+  value Present (SCT 52101004) when the decision is the positive class, else Absent
+  (SCT 272519000; both from DICOM CID 241 "Present-Absent Only"), and the probability of
+  the positive class as a measurement DCM 122157 "Probability" with unit UCUM ``1``
+  (DCM 111047 "Probability of cancer" would say the wrong thing; 122157 is DICOM's generic
+  probability concept). A head with no finding code in :data:`FINDING_CODES` is left out;
+* series description :data:`SERIES_DESCRIPTION`, series number ``SERIES_NUMBER_BASE +
+  source series number`` unless the caller gives one, SOP Instance and Series Instance UIDs
+  from :func:`aiworker.results.uids.result_uid`, so building again gives the same object;
+  patient and study copied from the source by highdicom; flags: complete, preliminary,
+  unverified (an AI result no radiologist has read);
+* every source instance and the SEG are listed as evidence (Current Requested Procedure
+  Evidence Sequence).
+
+Codes checked against pydicom's DICOM concept dictionaries (Volume, Present, Absent,
+Probability) and, for the SNOMED CT concepts DICOM does not list, against published value
+sets and finding models (241641004 "Magnetic resonance imaging of knee (procedure)";
+239725005 "Rupture of anterior cruciate ligament").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+import aiworker
+from aiworker.infer.manifest import Code as ManifestCode
+from aiworker.infer.manifest import Label, Manifest
+from aiworker.results.uids import result_uid
+
+SERIES_DESCRIPTION = "AI knee measurements (not for diagnostic use)"
+SERIES_NUMBER_BASE = 9100
+MANUFACTURER = "aiworker"
+PROCEDURE = Code("241641004", "SCT", "MRI of knee")
+VOLUME = codes.SCT.Volume  # 118565006
+MILLILITRE = Code("ml", "UCUM", "milliliter")
+PROBABILITY = codes.DCM.Probability  # 122157
+NO_UNITS = codes.UCUM.NoUnits  # "1"
+PRESENT = codes.SCT.Present  # 52101004
+ABSENT = codes.SCT.Absent  # 272519000
+FINDING_CODES: dict[str, Code] = {
+    "acl": Code("239725005", "SCT", "Rupture of anterior cruciate ligament"),
+}
+
+
+class SRError(Exception):
+    """The findings, the manifest and the SEG do not fit together; the message says why."""
+
+
+def build_sr(source_datasets: Sequence[Dataset], seg_dataset: Dataset,
+             findings: Mapping[str, Any], manifest: Manifest, model_id: str, *,
+             series_number: int | None = None) -> Dataset:
+    """The Measurement Report of ``findings`` (a job's ``findings.json``) made by the model
+    ``model_id`` (``name@version``) described by ``manifest``, on the series of
+    ``source_datasets`` and segmented in ``seg_dataset``."""
+    if not source_datasets:
+        raise SRError("no source instances: the report needs the series it measured")
+    source = source_datasets[0]
+    series_uid = str(source.SeriesInstanceUID)
+    _check_series(findings, seg_dataset, series_uid)
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(manifest, model_id),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=_groups(seg_dataset, findings, manifest, model_id, series_uid))
+    if series_number is None:
+        series_number = SERIES_NUMBER_BASE + int(source.get("SeriesNumber") or 0)
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*source_datasets, seg_dataset],
+        content=report,
+        series_instance_uid=result_uid(series_uid, model_id, "sr", "series"),
+        series_number=series_number,
+        sop_instance_uid=result_uid(series_uid, model_id, "sr", "sop"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=manifest.name,
+        software_versions=[f"aiworker {aiworker.__version__}",
+                           f"{manifest.name} {manifest.version}"])
+
+
+def _check_series(findings: Mapping[str, Any], seg: Dataset, series_uid: str) -> None:
+    """Raise unless the findings and the SEG are both of the source series."""
+    if findings.get("series_uid", series_uid) != series_uid:
+        raise SRError(f"the findings are of series {findings['series_uid']}, "
+                      f"the source instances of series {series_uid}")
+    segmented = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    if series_uid not in segmented:
+        raise SRError(f"the SEG {seg.SOPInstanceUID} does not reference series {series_uid}")
+
+
+def _observation_context(manifest: Manifest, model_id: str) -> hd.sr.ObservationContext:
+    """The model as the report's device observer."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=["aiworker-device", model_id]),
+        name=f"{manifest.name} {manifest.version}",
+        manufacturer_name=MANUFACTURER,
+        model_name=manifest.name)
+    return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+
+
+class _HeadResult(NamedTuple):
+    """A classification head's result, as the group of its region reports it."""
+
+    finding: Code
+    present: bool
+    probability: float
+
+
+def _groups(seg: Dataset, findings: Mapping[str, Any], manifest: Manifest, model_id: str,
+            series_uid: str) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """One measurement group per structure of ``findings["volumes_ml"]``, in label order."""
+    volumes: Mapping[str, float] = findings.get("volumes_ml", {})
+    labels = manifest.outputs.segmentation.labels if manifest.outputs.segmentation else []
+    unknown = sorted(set(volumes) - {label.name for label in labels})
+    if unknown:
+        raise SRError(f"structures not in the manifest of {model_id}: {', '.join(unknown)}")
+    results = _head_results(manifest, findings.get("classification", {}))
+    algorithm = hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
+    return [_group(label, volumes[label.name], _referenced_segment(seg, label, series_uid),
+                   result_uid(series_uid, model_id, "sr", f"tracking {label.name}"),
+                   algorithm, results.get(label.value))
+            for label in labels if label.name in volumes]
+
+
+def _head_results(manifest: Manifest, classified: Mapping[str, Any]) -> dict[int, _HeadResult]:
+    """Label value of the region -> the result of each head that has one and a finding
+    code."""
+    return {head.region.label: _HeadResult(
+                finding=FINDING_CODES[head.name],
+                present=classified[head.name]["decision"] == head.positive,
+                probability=float(classified[head.name]["probability"]))
+            for head in manifest.outputs.classification
+            if head.name in classified and head.name in FINDING_CODES}
+
+
+def _referenced_segment(seg: Dataset, label: Label, series_uid: str) -> hd.sr.ReferencedSegment:
+    """The segment of ``seg`` labelled with the structure's name, segmented on the source
+    series."""
+    numbers = {str(item.SegmentLabel): int(item.SegmentNumber)
+               for item in seg.get("SegmentSequence", [])}
+    if label.name not in numbers:
+        raise SRError(f"the SEG {seg.SOPInstanceUID} has no segment {label.name!r}")
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=numbers[label.name],
+        source_series=hd.sr.SourceSeriesForSegmentation(series_uid))
+
+
+def _group(label: Label, volume_ml: float, segment: hd.sr.ReferencedSegment, tracking_uid: str,
+           algorithm: hd.sr.AlgorithmIdentification, result: _HeadResult | None
+           ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1411 group of one structure: its volume and, for a head's region, the
+    head's finding and probability."""
+    measurements = [hd.sr.Measurement(name=VOLUME, value=float(volume_ml), unit=MILLILITRE)]
+    evaluations = None
+    if result is not None:
+        measurements.append(hd.sr.Measurement(name=PROBABILITY, value=result.probability,
+                                              unit=NO_UNITS))
+        evaluations = [hd.sr.QualitativeEvaluation(
+            name=result.finding, value=PRESENT if result.present else ABSENT)]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label.name),
+        referenced_segment=segment,
+        finding_category=_code(label.category),
+        finding_type=_code(label.type),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations)
+
+
+def _code(code: ManifestCode) -> Code:
+    """A manifest code as a pydicom code."""
+    return Code(code.value, code.scheme_designator, code.meaning)
