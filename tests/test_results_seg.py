@@ -129,7 +129,9 @@ def test_the_binary_seg_carries_every_manifest_segment_with_its_codes(case, bina
         assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # AI
         lab = hd.color.CIELabColor.from_rgb(*label.color)
         assert list(item.RecommendedDisplayCIELabValue) == list(lab.value)
-        assert "AnatomicRegionSequence" not in item  # knee-demo names none
+        regions = [(r.CodeValue, r.CodeMeaning) for r in item.get("AnatomicRegionSequence", [])]
+        expected = label.anatomic_region
+        assert regions == ([(expected.value, expected.meaning)] if expected else [])
     read = hd.seg.segread(binary)
     assert read.get_segment_description(10).segment_label == "ACL"
 
@@ -234,10 +236,10 @@ def test_a_job_that_found_nothing_still_lists_every_segment(case, tmp_path):
     assert dciodvfy_errors(path) == []
 
 
-def test_cartilage_gets_its_anatomic_region_when_the_manifest_names_it(case, tmp_path):
+def test_a_segment_has_an_anatomic_region_only_when_the_manifest_names_it(case, tmp_path):
     femur = Code(value="71341001", meaning="Femur")
-    labels = [label.model_copy(update={"anatomic_region": femur}) if label.value == 5
-              else label for label in case.manifest.outputs.segmentation.labels]
+    labels = [label.model_copy(update={"anatomic_region": femur if label.value == 5 else None})
+              for label in case.manifest.outputs.segmentation.labels]
     segmentation = case.manifest.outputs.segmentation.model_copy(update={"labels": labels})
     outputs = case.manifest.outputs.model_copy(update={"segmentation": segmentation})
     manifest = case.manifest.model_copy(update={"outputs": outputs})

@@ -32,9 +32,23 @@ ACL, PCL = 10, 11
 CLASSES = 1 + max(STRUCTURES)
 
 
+# cartilage is one code; the bone it covers is its anatomic region (the SEG carries it)
+CARTILAGE_REGION: dict[int, tuple[str, str]] = {
+    5: ("71341001", "Femur"), 6: ("12611008", "Tibia"), 7: ("64234005", "Patella")}
+
+
 def manifest_labels() -> list[dict]:
     """The ``outputs.segmentation.labels`` entries of model.yaml."""
-    return [{"value": value, "name": name, "color": list(color),
+    return [_label(value, *entry) for value, entry in STRUCTURES.items()]
+
+
+def _label(value: int, name: str, color: tuple[int, int, int], code: str, meaning: str
+           ) -> dict:
+    label = {"value": value, "name": name, "color": list(color),
              "category": dict(ANATOMICAL_STRUCTURE),
              "type": {"value": code, "scheme_designator": "SCT", "meaning": meaning}}
-            for value, (name, color, code, meaning) in STRUCTURES.items()]
+    if value in CARTILAGE_REGION:
+        region_code, region_meaning = CARTILAGE_REGION[value]
+        label["anatomic_region"] = {"value": region_code, "scheme_designator": "SCT",
+                                    "meaning": region_meaning}
+    return label
