@@ -25,7 +25,7 @@ from aiworker import logs
 from aiworker.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # the commands import their stages lazily, to start fast
-    from aiworker.infer.offline import Run
+    from aiworker.offline import Run
     from aiworker.select.decide import Pipeline, StudyDecision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -558,7 +558,7 @@ def infer(
 ) -> None:
     """Offline selection and inference over a folder of studies: per study a label volume
     (NIfTI), findings and timings. Exit code 1 when any study has no result."""
-    from aiworker.infer import offline
+    from aiworker import offline
     from aiworker.select.headers import scan_folder
 
     run = _infer_run(_select_config(config), model, device, models_dir, out)
@@ -582,7 +582,7 @@ def _infer_run(cfg: Config, model: str | None, device: str | None, models_dir: P
                out: Path) -> Run:
     """The pipeline and the loaded engine ``infer`` runs; a problem exits with code 2."""
     from aiworker.infer.manifest import ManifestError, ModelError
-    from aiworker.infer.offline import OfflineError, Run, load_engine, pick_pipeline
+    from aiworker.offline import OfflineError, Run, load_engine, pick_pipeline
     from aiworker.select.decide import configured_pipelines, feature_settings
     from aiworker.select.rules import RuleError
 

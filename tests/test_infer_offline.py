@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
 import yaml
 from monai.networks.nets import UNet
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from typer.testing import CliRunner
 
 from aiworker.cli import app
@@ -56,7 +58,8 @@ TINY_MANIFEST: dict[str, Any] = {
     },
     "intended_use": "Tests only; not a medical device.",
 }
-TIMINGS = {"load", "preprocess", "model", "postprocess", "resample", "total"}
+TIMINGS = {"load", "preprocess", "model", "postprocess", "resample", "seg", "sr", "report",
+           "hl7", "total"}
 ENTRY_KEYS = {"study_uid", "status", "pipeline", "model", "series", "output", "device",
               "findings", "timings", "error"}
 HAVE_KNEE_DEMO = (BUNDLED_MODELS / "knee_demo" / "model.yaml").exists()
@@ -131,6 +134,13 @@ def assert_study_outputs(out: Path, case: Path, entry: dict[str, Any], model: st
     assert set(timings) == TIMINGS and timings == entry["timings"]
     assert all(value >= 0 for value in timings.values())
     assert timings["total"] >= timings["load"] + timings["model"]
+    seg, sr = (pydicom.dcmread(folder / name) for name in ("seg.dcm", "sr.dcm"))
+    assert seg.SOPClassUID == SegmentationStorage and sr.SOPClassUID == Comprehensive3DSRStorage
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == chosen["series_uid"]
+    assert {item.SegmentLabel for item in seg.SegmentSequence} == set(
+        written["findings"]["volumes_ml"])
+    assert "not for diagnostic use" in (folder / "report.txt").read_text()
+    assert (folder / "oru.hl7").read_bytes().startswith(b"MSH|")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,8 +10,10 @@ succeeds gets ``DIR/<StudyInstanceUID>/``:
   spacing and direction);
 * ``findings.json``: the study, the selection (pipeline, rules, the chosen series with their
   numbers and descriptions), the model, the device and the engine's findings;
-* ``timings.json``: seconds for load (decode), preprocess, model, postprocess, resample and
-  total (selection to written files).
+* ``seg.dcm``, ``sr.dcm``, ``report.txt``, ``oru.hl7``: the DICOM SEG and SR, the text
+  report and the HL7 ORU^R01 the node sends (:mod:`aiworker.results.objects`);
+* ``timings.json``: seconds for load (decode), preprocess, model, postprocess, resample,
+  seg, sr, report, hl7 and total (selection to written files).
 
 A study without a selected series, or whose series cannot be loaded or run, gets a result
 with its reason and failure kind (``data``, ``model``, ``resource``) and the run goes on.
@@ -35,6 +37,9 @@ from aiworker.infer.engine import Engine, ResourceError, Result
 from aiworker.infer.manifest import Manifest, ModelError
 from aiworker.infer.registry import Registry
 from aiworker.infer.volume import LoadedSeries, VolumeError, load_series
+from aiworker.results.objects import write_results
+from aiworker.results.seg import SegError
+from aiworker.results.sr import SRError
 from aiworker.select.decide import Pipeline, StudyDecision, decide
 from aiworker.select.features import FeatureSettings
 from aiworker.select.headers import StudyHeaders
@@ -141,6 +146,16 @@ def infer_study(study: StudyHeaders, run: Run) -> StudyResult:
     result.status, result.device, result.findings = DONE, outcome.device, outcome.findings
     result.timings = {"load": load_s, **outcome.timings}
     result.output = str(write_outputs(result, outcome, decision, run))
+    try:
+        objects = write_results(Path(result.output), series_files(study, loaded[0].series_uid),
+                                loaded[0], outcome.labels, outcome.findings,
+                                run.engine.manifest, run.engine.model_id)
+    except (SegError, SRError, ValueError) as exc:
+        result.status = FAILED
+        result.error = {"kind": "data", "reason": f"result objects: {str(exc).splitlines()[0]}"}
+        log.warning("study %s: result objects failed: %s", study.study_uid, result.error["reason"])
+        return result
+    result.timings.update(objects.timings)
     result.timings["total"] = round(time.perf_counter() - started, 4)
     (Path(result.output) / "timings.json").write_text(json.dumps(result.timings, indent=2) + "\n")
     return result
@@ -167,13 +182,18 @@ def input_series(manifest: Manifest, chosen: dict[str, str | None]) -> list[str]
                      f"pipeline's rules choose roles {', '.join(roles)}")
 
 
+def series_files(study: StudyHeaders, series_uid: str) -> list[Path]:
+    """The files of one series of ``study``."""
+    series = next(s for s in study.series if s.series_uid == series_uid)
+    return [Path(ds.filename) for ds in series.instances]
+
+
 def load_inputs(study: StudyHeaders, decision: StudyDecision, run: Run
                 ) -> tuple[list[LoadedSeries], float]:
     """The model's input series, loaded and decoded, and the seconds that took."""
     started = time.perf_counter()
-    files = {s.series_uid: [Path(ds.filename) for ds in s.instances] for s in study.series}
     uids = input_series(run.engine.manifest, decision.chosen[run.pipeline.name])
-    loaded = [load_series(files[uid]) for uid in uids]
+    loaded = [load_series(series_files(study, uid)) for uid in uids]
     return loaded, round(time.perf_counter() - started, 4)
 
 

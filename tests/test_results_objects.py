@@ -1,0 +1,136 @@
+"""All result objects of one run, written together: the SEG, the SR, the report and the
+ORU^R01 agree with each other (the SR's volume of a structure is the SEG's voxel count times
+the voxel volume, and the HL7 OBX holds the SR's volume), pass dciodvfy, and come out the
+same when written twice."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+
+from aiworker.infer import findings as infer_findings
+from aiworker.infer.manifest import load_manifest
+from aiworker.infer.volume import load_series
+from aiworker.phantom.protocol import Overrides
+from aiworker.phantom.study import StudyOptions, write_study
+from aiworker.phantom.truth import truth_series
+from aiworker.results.hl7 import volume_code
+from aiworker.results.objects import write_results
+
+MANIFEST = load_manifest(Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo"
+                         / "model.yaml")
+MODEL_ID = "knee-demo@1.0.0"
+VOLUME = "118565006"
+TRACKING_IDENTIFIER = "112039"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory):
+    """A torn-ACL phantom's sagittal PD FS, its truth as the prediction, and its objects."""
+    root = tmp_path_factory.mktemp("objects")
+    study = write_study(root / "study", StudyOptions(
+        seed=52, acl="torn", rescan=False, derived=False,
+        overrides=Overrides(roles=("sag_pd_fs",), matrix=128)))
+    paths = truth_series(study).files
+    loaded = load_series(paths)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth.labels)))
+    labels = np.where(truth <= 11, truth, 0).astype(np.uint8)
+    voxel_ml = math.prod(loaded.image.GetSpacing()) / 1000.0
+    found = {"model": MODEL_ID, "series_uid": loaded.series_uid,
+             "volumes_ml": infer_findings.volumes_ml(labels, voxel_ml, MANIFEST),
+             "classification": {"acl": {"probability": 0.91, "threshold": 0.5,
+                                         "decision": "torn", "features": {}}}}
+    files = write_results(root / "out", paths, loaded, labels, found, MANIFEST, MODEL_ID)
+    again = write_results(root / "again", list(reversed(paths)), loaded, labels, found,
+                          MANIFEST, MODEL_ID)
+    return files, again, voxel_ml, found
+
+
+def sr_volumes(path: Path) -> dict[str, float]:
+    """Tracking identifier -> Volume (ml) of every measurement group of an SR."""
+    volumes = {}
+
+    def walk(items, group: dict) -> None:
+        for item in items:
+            concept = item.ConceptNameCodeSequence[0].CodeValue
+            if concept == TRACKING_IDENTIFIER:
+                group["name"] = item.TextValue
+            if concept == VOLUME:
+                measured = item.MeasuredValueSequence[0]
+                assert measured.MeasurementUnitsCodeSequence[0].CodeValue == "ml"
+                group["ml"] = float(measured.NumericValue)
+            if "ContentSequence" in item:
+                inner: dict = {}
+                walk(item.ContentSequence, inner)
+                if {"name", "ml"} <= inner.keys():
+                    volumes[inner["name"]] = inner["ml"]
+                group.update({k: v for k, v in inner.items() if k not in group})
+
+    walk(pydicom.dcmread(path).ContentSequence, {})
+    return volumes
+
+
+def test_every_object_is_written_and_no_partial_file_is_left(written) -> None:
+    files, _, _, _ = written
+    for path in (files.seg, files.sr, files.report, files.hl7):
+        assert path.stat().st_size > 0
+    assert not list(files.seg.parent.glob(".partial-*"))
+    assert pydicom.dcmread(files.seg).SOPClassUID == SegmentationStorage
+    assert pydicom.dcmread(files.sr).SOPClassUID == Comprehensive3DSRStorage
+    assert set(files.timings) == {"seg", "sr", "report", "hl7"}
+
+
+def test_sr_volumes_are_the_seg_voxel_counts_times_the_voxel_volume(written) -> None:
+    files, _, voxel_ml, found = written
+    seg = hd.seg.segread(files.seg)
+    volumes = sr_volumes(files.sr)
+    assert set(volumes) == {label.name for label in MANIFEST.outputs.segmentation.labels}
+    for number in seg.segment_numbers:
+        name = seg.get_segment_description(number).segment_label
+        voxels = int(np.asarray(seg.get_volume(segment_numbers=[number],
+                                               combine_segments=False).array).sum())
+        assert volumes[name] == pytest.approx(voxels * voxel_ml, abs=1e-3), name
+        assert volumes[name] == pytest.approx(found["volumes_ml"][name], abs=1e-3)
+    assert volumes["Femur"] > 100
+
+
+def test_the_hl7_message_holds_the_sr_volumes_and_the_report(written) -> None:
+    files, _, _, _ = written
+    segments = files.hl7.read_bytes().decode("utf-8").strip("\r").split("\r")
+    obx = [segment.split("|") for segment in segments if segment.startswith("OBX|")]
+    numbers = {fields[3].split("^")[0]: float(fields[5]) for fields in obx if fields[2] == "NM"}
+    for name, ml in sr_volumes(files.sr).items():
+        assert numbers[volume_code(name)] == pytest.approx(ml, abs=1e-3), name
+    text_rows = [fields[5] for fields in obx if fields[2] == "TX"]
+    report = files.report.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    assert len(text_rows) == len(report)
+    assert "ACL" in files.report.read_text(encoding="utf-8")
+
+
+def test_writing_again_gives_the_same_objects(written) -> None:
+    files, again, _, _ = written
+    for first, second in ((files.seg, again.seg), (files.sr, again.sr)):
+        a, b = pydicom.dcmread(first), pydicom.dcmread(second)
+        assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    control, control_again = (path.read_bytes().decode("utf-8").split("\r")[0]
+                              for path in (files.hl7, again.hl7))
+    assert control.split("|")[9] == control_again.split("|")[9]
+    assert files.report.read_text() == again.report.read_text()
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) missing")
+def test_seg_and_sr_pass_dciodvfy(written) -> None:
+    files, _, _, _ = written
+    for path in (files.seg, files.sr):
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if "Error" in line]
+        assert errors == [], path.name
