@@ -10,6 +10,7 @@ pipeline naming an unknown model stops the node at start.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,19 @@ from aiworker.infer.worker import FINDINGS_FILE, LABELS_FILE
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
 from aiworker.phantom.truth import truth_series
+from aiworker.results.hl7 import ACL_CODES
+from aiworker.results.objects import HL7_FILE, REPORT_FILE, SEG_FILE, SR_FILE
+from aiworker.results.report import DISCLAIMER
+from aiworker.results.sr import ABSENT, FINDING_CODES, PRESENT
+from aiworker.results.uids import result_uid
 
 KNEE_DEMO = BUNDLED_MODELS / "knee_demo" / "model.yaml"
 needs_knee_demo = pytest.mark.skipif(
     not KNEE_DEMO.exists(),
     reason=f"the bundled model knee-demo is not trained yet ({KNEE_DEMO} is missing): "
            "python -m aiworker.models.knee_demo.train")
-STEPS = {"load", "preprocess", "model", "postprocess", "resample", "write", "total"}
+STEPS = {"load", "preprocess", "model", "postprocess", "resample", "write", "seg", "sr",
+         "report", "hl7", "total"}  # the node's jobs also write their result objects
 HELD_OUT_SEED = 900_007  # knee-demo never saw it (aiworker.models.knee_demo.data)
 
 
@@ -111,6 +118,7 @@ def test_knee_demo_segments_a_sent_study(node, tmp_path):
     femur, femur_truth = labels == 1, truth == 1
     dice = 2 * int((femur & femur_truth).sum()) / int(femur.sum() + femur_truth.sum())
     assert dice >= 0.85, f"femur Dice {dice:.3f}"
+    check_result_objects(folder, target, findings)
 
     table = node.cli("status", "--config", str(node.config_path)).stdout
     assert f"job {job['job_id'][:8]} done: knee-demo on {job['device']} in " in table
@@ -120,6 +128,38 @@ def test_knee_demo_segments_a_sent_study(node, tmp_path):
     log = node.log_text()
     assert f"job {job['job_id']} done: model {findings['model']}" in log
     assert str(header.PatientName) not in log and str(header.PatientID) not in log
+
+
+def check_result_objects(folder: Path, target: Any, findings: dict[str, Any]) -> None:
+    """The job's folder holds its SEG (of the selected series, with the deterministic UID),
+    SR, report and ORU^R01, whose ACL finding is the job's decision."""
+    seg = pydicom.dcmread(folder / SEG_FILE)
+    assert seg.SOPInstanceUID == result_uid(target.uid, findings["model"], "seg")
+    [referenced] = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == target.uid
+    sources = {pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+               for path in target.files}
+    assert {item.ReferencedSOPInstanceUID
+            for item in referenced.ReferencedInstanceSequence} <= sources
+    sr = pydicom.dcmread(folder / SR_FILE)
+    assert sr.SOPInstanceUID == result_uid(target.uid, findings["model"], "sr")
+    torn = findings["classification"]["acl"]["decision"] == "torn"
+    [finding] = [item.ConceptCodeSequence[0].CodeValue for item in content_items(sr)
+                 if "ConceptNameCodeSequence" in item and "ConceptCodeSequence" in item
+                 and item.ConceptNameCodeSequence[0].CodeValue == FINDING_CODES["acl"].value]
+    assert finding == (PRESENT if torn else ABSENT).value
+    assert DISCLAIMER in (folder / REPORT_FILE).read_text()
+    segments = (folder / HL7_FILE).read_bytes().decode("utf-8").split("\r")
+    [acl] = [segment.split("|")[5].split("^")[0] for segment in segments
+             if segment.startswith("OBX|") and segment.split("|")[3].startswith("ACL^")]
+    assert acl == ACL_CODES[findings["classification"]["acl"]["decision"]][0]
+
+
+def content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    """Every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
 
 
 @needs_dcmtk

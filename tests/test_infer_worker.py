@@ -428,6 +428,54 @@ def test_a_job_runs_to_done_with_findings_timings_and_files(worker, db, series):
     assert kinds == [("job_done", job_id), ("job_started", job_id)]
 
 
+def write_objects_or_refuse(folder: Path, source_paths: list[str], loaded: Any,
+                            labels: np.ndarray, *rest: Any) -> dict[str, float]:
+    """The node's ``write_objects`` hook, given labels of one slice (which no SEG can be
+    made of) when the series is described "refuse"."""
+    from aiworker.results.objects import write_job_objects
+
+    if pydicom.dcmread(source_paths[0], stop_before_pixels=True).SeriesDescription == "refuse":
+        labels = labels[:1]
+    return write_job_objects(folder, source_paths, loaded, labels, *rest)
+
+
+def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registry, series):
+    """A worker naming a ``write_objects`` hook: a done job's folder also holds its SEG, SR,
+    report and ORU^R01, timed; objects the labels cannot make fail the job as ``data``."""
+    from aiworker.results.objects import HL7_FILE, REPORT_FILE, SEG_FILE, SR_FILE
+    from aiworker.results.uids import result_uid
+
+    settings = WorkerSettings(models={"tiny": registry.get("tiny")},
+                              results_dir=node_dir / "results", device="cpu", threads=1,
+                              write_objects="test_infer_worker:write_objects_or_refuse")
+    inferrer = InferenceWorker(db, settings)
+    try:
+        paths = series()
+        done_id = queue(db, paths)
+        run_next(inferrer)
+        refused_id = queue(db, series(edit=lambda ds: setattr(ds, "SeriesDescription",
+                                                              "refuse")))
+        run_next(inferrer)
+    finally:
+        inferrer.stop()
+    done = job(db, done_id)
+    assert done["state"] == "done", done["error"]
+    assert set(done["timings"]) == STEPS | {"seg", "sr", "report", "hl7"}
+    folder = Path(done["result_dir"])
+    assert sorted(os.listdir(folder)) == sorted(
+        [FINDINGS_FILE, LABELS_FILE, SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE])
+    seg = pydicom.dcmread(folder / SEG_FILE)
+    series_uid = load_series(paths).series_uid
+    assert seg.SOPInstanceUID == result_uid(series_uid, "tiny@1.0.0", "seg")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+
+    refused = job(db, refused_id)
+    assert (refused["state"], refused["error_kind"]) == ("failed", "data")
+    assert refused["error"] == ("the result objects cannot be made: SegError: labels have 1 "
+                                "slices, the series 16")
+    assert {"write", "total"} <= set(refused["timings"])
+
+
 def test_a_series_without_positions_fails_as_data(worker, db, series):
     job_id = queue(db, series(edit=lambda ds: delattr(ds, "ImagePositionPatient")))
     run_next(worker)

@@ -12,7 +12,11 @@ For each job the inference process loads the input series (timing ``load``), run
 engine (``preprocess``, ``model``, ``postprocess``, ``resample``), writes
 ``<data_dir>/results/<job_id>/labels.nii.gz`` (the labels on the source series' geometry)
 and ``findings.json`` (``write``), and replies with the findings, timings and device; the
-node adds ``total`` (the round trip) and records the job ``done``.
+node adds ``total`` (the round trip) and records the job ``done``. When the settings name a
+``write_objects`` function (``"module:function"``, imported in the inference process: the
+node names :func:`aiworker.results.objects.write_job_objects`, a stage this one does not
+import), it then writes the job's result objects into the same folder and its timings (``seg``,
+``sr``, ``report``, ``hl7``) join the job's; a ``ValueError`` from it fails the job as ``data``.
 
 A job fails with a kind: ``data`` (the series cannot be read as one volume), ``model``
 (the model cannot load, or rejects the input; any unexpected error, named by its type) or
@@ -25,6 +29,7 @@ Stopping the node stops the process; a job it was running is queued again.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import multiprocessing
@@ -32,6 +37,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -51,7 +57,8 @@ LABELS_FILE = "labels.nii.gz"
 FINDINGS_FILE = "findings.json"
 LOAD_LIMIT_S = 600.0  # the inference process must have loaded its models by then
 POLL_S = 0.25  # how often a wait for the inference process looks at the stop flag
-STEPS = ("load", "preprocess", "model", "postprocess", "resample", "write", "total")
+STEPS = ("load", "preprocess", "model", "postprocess", "resample", "write", "seg", "sr", "report",
+         "hl7", "total")
 
 
 @dataclass(frozen=True)
@@ -66,16 +73,18 @@ class WorkerSettings:
     nice: int = 10
     log_level: str = "INFO"
     json_lines: bool = False
+    write_objects: str | None = None  # "module:function" writing a done job's result objects
 
 
-def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: Path
-                    ) -> WorkerSettings:
+def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: Path,
+                    write_objects: str | None = None) -> WorkerSettings:
     """The settings of the node's inference worker, from its config."""
     return WorkerSettings(
         models=models, results_dir=results_dir, device=config.inference.device,
         time_limit_s=config.inference.time_limit_s,
         threads=config.inference.threads or default_threads(), nice=config.inference.nice,
-        log_level=config.logging.level, json_lines=config.logging.json_lines)
+        log_level=config.logging.level, json_lines=config.logging.json_lines,
+        write_objects=write_objects)
 
 
 def default_threads() -> int:
@@ -363,7 +372,7 @@ def serve_jobs(conn: Connection, settings: WorkerSettings) -> None:
                    "devices": {name: str(engine.device) for name, engine in engines.items()}
                    | {name: "not loaded" for name in broken}})
         while (request := conn.recv()) is not None:
-            conn.send(run_request(request, engines, broken))
+            conn.send(run_request(request, engines, broken, settings.write_objects))
     except (EOFError, BrokenPipeError):  # the node went away: so do we
         return
 
@@ -391,9 +400,10 @@ def _load_engines(settings: WorkerSettings) -> tuple[dict[str, Any], dict[str, d
     return engines, broken
 
 
-def run_request(request: dict[str, Any], engines: dict[str, Any], broken: dict[str, dict]
-                ) -> dict[str, Any]:
-    """Run one job: load its series, run the engine, write the results; the reply."""
+def run_request(request: dict[str, Any], engines: dict[str, Any], broken: dict[str, dict],
+                write_objects: str | None = None) -> dict[str, Any]:
+    """Run one job: load its series, run the engine, write the results and, when
+    ``write_objects`` names a function, the result objects; the reply."""
     from aiworker.infer.volume import load_series
 
     timings: dict[str, float] = {}
@@ -403,12 +413,16 @@ def run_request(request: dict[str, Any], engines: dict[str, Any], broken: dict[s
         started = time.perf_counter()
         series = [load_series(paths) for paths in request["inputs"]]
         timings["load"] = round(time.perf_counter() - started, 4)
-        result = engines[request["model"]].run(series)
+        engine = engines[request["model"]]
+        result = engine.run(series)
         timings |= result.timings
         started = time.perf_counter()
         findings = json.loads(json.dumps(result.findings, default=_plain))
         write_results(Path(request["result_dir"]), result.label_image, findings)
         timings["write"] = round(time.perf_counter() - started, 4)
+        if write_objects:
+            timings |= _write_objects(write_objects, request, series[0], result.labels,
+                                      findings, engine.spec)
     except Exception as exc:  # every failure becomes the job's error, with its kind
         failure = classify_error(exc)
         if failure["kind"] == "model" and not isinstance(exc, ModelError):
@@ -416,6 +430,28 @@ def run_request(request: dict[str, Any], engines: dict[str, Any], broken: dict[s
         return {"ok": False, "timings": timings} | failure
     return {"ok": True, "findings": findings, "timings": timings,
             "device": result.device, "result_dir": request["result_dir"]}
+
+
+class ObjectsError(Exception):
+    """The job's result objects cannot be made from its labels and source series."""
+
+    kind = "data"
+
+
+def _write_objects(target: str, request: dict[str, Any], loaded: Any, labels: Any,
+                   findings: dict[str, Any], spec: ModelSpec) -> dict[str, float]:
+    """Call the function ``target`` names (``"module:function"``) to write the result
+    objects of the job's first input series into its result folder; its timings.
+
+    A ``ValueError`` it raises (the labels or the source cannot make the objects) becomes an
+    :class:`ObjectsError`, failing the job as ``data``."""
+    module, _, name = target.partition(":")
+    write: Callable[..., dict[str, float]] = getattr(importlib.import_module(module), name)
+    try:
+        return write(Path(request["result_dir"]), request["inputs"][0], loaded, labels,
+                     findings, spec.manifest, model_id(spec))
+    except ValueError as exc:
+        raise ObjectsError(f"the result objects cannot be made: {exc}") from exc
 
 
 def classify_error(exc: BaseException) -> dict[str, str]:

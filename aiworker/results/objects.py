@@ -25,8 +25,8 @@ from aiworker.infer.manifest import Manifest
 from aiworker.infer.volume import LoadedSeries
 from aiworker.results.hl7 import Hl7Settings, build_oru
 from aiworker.results.report import SeriesInfo, report_text
-from aiworker.results.seg import build_seg
-from aiworker.results.sr import build_sr
+from aiworker.results.seg import SegError, build_seg
+from aiworker.results.sr import SRError, build_sr
 from aiworker.store.spool import fsync_path
 
 SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE = "seg.dcm", "sr.dcm", "report.txt", "oru.hl7"
@@ -79,3 +79,17 @@ def _write(path: Path, write: Callable[[Path], Any]) -> None:
     write(partial)
     fsync_path(partial)
     os.replace(partial, path)
+
+
+def write_job_objects(folder: Path, source_paths: Sequence[Path | str], loaded: LoadedSeries,
+                      labels: np.ndarray, findings: dict[str, Any], manifest: Manifest,
+                      model_id: str) -> dict[str, float]:
+    """The inference process's hook (``WorkerSettings.write_objects``): write a done job's
+    result objects with :func:`write_results`; seconds per kind (``seg``, ``sr``, ``report``,
+    ``hl7``). Labels or a source that cannot make them raise ``ValueError``, which fails
+    the job as ``data``."""
+    try:
+        return write_results(folder, source_paths, loaded, labels, findings, manifest,
+                             model_id).timings
+    except (SegError, SRError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
