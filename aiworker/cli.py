@@ -140,7 +140,8 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
     recent = db.events(PROBLEM_EVENTS, limit=problems) if db else []
     selections = db.selections() if db else []
     jobs = db.jobs() if db else []
-    report = {"studies": [_study_json(s, selections, jobs) for s in studies],
+    outbox = _outbox_rows(db) if db else []
+    report = {"studies": [_study_json(s, selections, jobs, outbox) for s in studies],
               "problems": [_problem_json(e) for e in recent]}
     if as_json:
         print(json.dumps(report, indent=2))
@@ -157,6 +158,22 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
             table.add_row(p["at"], p["kind"], p["calling_ae"] or "", p["status"] or "",
                           p["reason"] or "")
         console.print(table)
+
+
+def _outbox_rows(db: Any) -> list[Any]:
+    """Every outbox row of the state DB, oldest first."""
+    from aiworker.store.outbox import Outbox
+
+    return Outbox(db).rows()
+
+
+def _outbox_json(row: Any) -> dict[str, Any]:
+    """The stable ``status --json`` shape of one outbox row (documented in the README)."""
+    return {"id": row.id, "job_id": row.job_id, "destination": row.destination,
+            "kind": row.kind, "object_kind": row.object_kind,
+            "sop_instance_uid": row.sop_instance_uid, "state": row.state,
+            "attempts": row.attempts, "last_error": row.last_error,
+            "next_attempt_at": _when(row.next_attempt_at), "sent_at": _when(row.sent_at)}
 
 
 def _problem_json(event: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +216,15 @@ def _print_study_status(study: dict[str, Any]) -> None:
             if job["state"] != "superseded":
                 console.print(f"    {_job_line(job)}", highlight=False, markup=False,
                               soft_wrap=True)
+    for row in study["outbox"]:
+        console.print(f"  {_outbox_line(row)}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _outbox_line(row: dict[str, Any]) -> str:
+    """An outbox row in words: destination, object, state, attempts and the last error."""
+    line = (f"outbox {row['destination']} {row['object_kind']}: {row['state']}, "
+            f"{row['attempts']} attempt(s)")
+    return f"{line}, last error: {row['last_error']}" if row["last_error"] else line
 
 
 def _job_line(job: dict[str, Any]) -> str:
@@ -249,7 +275,7 @@ def _decision_line(decision: dict[str, Any], study: dict[str, Any]) -> str:
 
 
 def _study_json(study: dict[str, Any], selections: list[dict[str, Any]],
-                jobs: list[dict[str, Any]]) -> dict[str, Any]:
+                jobs: list[dict[str, Any]], outbox: list[Any]) -> dict[str, Any]:
     """The stable ``status --json`` shape of one study (documented in the README)."""
     decisions = {d["pipeline"]: d for d in selections if d["study_uid"] == study["study_uid"]}
     verdicts, features = _series_explanations(decisions.values())
@@ -287,6 +313,7 @@ def _study_json(study: dict[str, Any], selections: list[dict[str, Any]],
                                                  and j["study_uid"] == study["study_uid"]])
             for pipeline, decision in sorted(decisions.items())
         },
+        "outbox": [_outbox_json(r) for r in outbox if r.study_uid == study["study_uid"]],
     }
 
 
@@ -336,9 +363,74 @@ def retry(job: JobArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 
 @app.command()
-def resend(job: JobArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Queue a failed job again (for now the same as retry)."""
-    _requeue_failed(job, config, "resend")
+def resend(job: Annotated[str | None, typer.Argument(
+               help="A job id or its first characters: queue it again if it failed, and "
+                    "its dead outbox rows.")] = None,
+           study: Annotated[str | None, typer.Option(
+               "--study", help="Send every sent or dead object of this study again.")] = None,
+           dead: Annotated[bool, typer.Option(
+               "--dead", help="Send every dead outbox row again.")] = False,
+           config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Send results again: a job's dead rows (and the job, when it failed), a whole study,
+    or every dead row; the running node sends them."""
+    if [job is not None, study is not None, dead].count(True) != 1:
+        err.print("resend: name one of JOB, --study UID or --dead", highlight=False)
+        raise typer.Exit(2)
+    found = None if job is None else _find_job(job, config)
+    if job is not None and (found is None or found["state"] == "failed"):
+        _requeue_failed(job, config, "resend")  # queues it again, or says why not
+        return
+    requeued = _requeue_outbox(config, found and found["job_id"], study)
+    if found is not None and not requeued:
+        err.print(f"resend: job {found['job_id']} is {found['state']}, not failed, and none "
+                  "of its outbox rows is dead", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"{requeued} outbox row(s) queued again; the running node sends them: "
+                  "follow them with `aiworker status`", highlight=False, markup=False)
+
+
+def _find_job(ref: str, config: Path) -> dict[str, Any] | None:
+    """The one job ``ref`` names (an exact id or a unique prefix); None when it names none
+    or several."""
+    from aiworker.store.db import StateDB
+    from aiworker.store.layout import DataPaths
+
+    db_path = DataPaths(_config(config).storage.data_dir).db
+    if not db_path.exists():
+        return None
+    db = StateDB(db_path)
+    try:
+        jobs = [j for j in db.jobs() if j["job_id"].startswith(ref)]
+    finally:
+        db.close()
+    exact = [j for j in jobs if j["job_id"] == ref]
+    found = exact or jobs
+    return found[0] if len(found) == 1 else None
+
+
+def _requeue_outbox(config: Path, job: str | None, study: str | None) -> int:
+    """Queue outbox rows again: the dead rows of the job ``job``, every sent or dead row
+    of ``study``, or, when neither is given, every dead row. Returns how many."""
+    from aiworker.store.db import StateDB
+    from aiworker.store.layout import DataPaths
+    from aiworker.store.outbox import DEAD, Outbox
+
+    db_path = DataPaths(_config(config).storage.data_dir).db
+    if not db_path.exists():
+        err.print(f"resend: no state DB at {db_path}: nothing sent yet", highlight=False,
+                  markup=False)
+        raise typer.Exit(1)
+    db = StateDB(db_path)
+    try:
+        outbox = Outbox(db)
+        if study is not None:
+            return outbox.resend_study(study)
+        if job is None:
+            return outbox.resend_dead()
+        rows = [r for r in outbox.rows(states=[DEAD]) if r.job_id == job]
+        return outbox.resend_dead([r.id for r in rows]) if rows else 0
+    finally:
+        db.close()
 
 
 def _requeue_failed(ref: str, config: Path, command: str) -> None:

@@ -119,6 +119,17 @@ class Pipeline(_Section):
     send_to: list[str] = []
 
 
+class Dispatch(_Section):
+    """How the outbox sends results: retry backoff, when to give up, batch and timeouts."""
+
+    retry_base_s: float = Field(5.0, gt=0, description="first retry after about this long")
+    retry_cap_s: float = Field(600.0, gt=0, description="longest wait between attempts")
+    max_age_h: float = Field(24.0, gt=0, description="a row failing this long is dead")
+    batch_size: int = Field(64, ge=1, le=64, description="objects per association")
+    timeout_s: float = Field(30.0, gt=0, description="network timeout of one send")
+    interval_s: float = Field(1.0, gt=0, description="how often due rows are sent")
+
+
 class Web(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -158,6 +169,7 @@ class Config(_Section):
     selection: Selection = Selection()
     destinations: dict[str, Destination] = {}
     pipelines: list[Pipeline] = []
+    dispatch: Dispatch = Dispatch()
     web: Web = Web()
     inference: Inference = Inference()
     logging: Logging = Logging()

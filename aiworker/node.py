@@ -1,5 +1,5 @@
 """The running node: opens the store, reconciles it, starts the completion scheduler, the
-select stage, the infer stage and the SCP.
+select stage, the infer stage, the outbox stage and the SCP.
 
 At start every pipeline's model is resolved in the model registry (bundled models plus
 ``inference.models_dir``); an unknown model or an invalid manifest stops ``aiworker serve``
@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 
 from aiworker.config import Config
+from aiworker.dispatch.stage import OutboxStage
 from aiworker.infer.manifest import ManifestError
 from aiworker.infer.worker import InferenceWorker, resolve_models, worker_settings
 from aiworker.receive.processes import ReceiverProcesses
@@ -52,8 +53,8 @@ class Node:
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
         self.selector = SelectionWorker(self.db, pipelines, feature_settings(config))
         self.inferrer = InferenceWorker(self.db, worker_settings(
-            config, models, self.paths.root / "results",
-            write_objects="aiworker.results.objects:write_job_objects"))
+            config, models, self.paths.root / "results"))
+        self.outbox = OutboxStage(self.db, config, config.node.ae_title)
         self.receiver: Receiver | ReceiverProcesses
         if config.node.receive_processes > 1:
             self.receiver = ReceiverProcesses(config)
@@ -70,6 +71,7 @@ class Node:
         self.scheduler.start()
         self.selector.start()
         self.inferrer.start()
+        self.outbox.start()
         self.receiver.start()
 
     def stop(self) -> None:
@@ -77,6 +79,7 @@ class Node:
         self.scheduler.stop()
         self.selector.stop()
         self.inferrer.stop()
+        self.outbox.stop()
         self.db.close()
 
 

@@ -1,0 +1,152 @@
+"""The node's outbox stage: queues each done job's result objects, then sends them.
+
+Once a job is ``done`` and the objects its pipeline sends are written in its result folder
+(``seg.dcm``, ``sr.dcm``, ``oru.hl7``), :meth:`OutboxStage.queue_done_jobs` adds one
+outbox row per (object, destination) of the pipeline's ``send_to``, all rows of a job in
+one transaction: a DICOM destination gets the SEG and the SR (those of the pipeline's
+``outputs``), an HL7 destination the ORU^R01 (output ``hl7``). A job that already has rows
+is never queued again; sending it again is ``aiworker resend``. The stage's thread
+recovers rows cut off by a crash once at start, then queues and sends (the
+:class:`~aiworker.dispatch.outbox.Dispatcher`'s ``tick``) every ``dispatch.interval_s``.
+Log lines and events carry ids only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from aiworker.config import Config, Pipeline
+from aiworker.dispatch.outbox import Dispatcher, default_senders
+from aiworker.results.objects import HL7_FILE, SEG_FILE, SR_FILE
+from aiworker.store.db import StateDB
+from aiworker.store.outbox import NewObject, Outbox, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+# (output, object kind, file name) sent to each kind of destination
+OBJECTS = {"dicom": (("seg", "seg", SEG_FILE), ("sr", "sr", SR_FILE)),
+           "hl7": (("hl7", "hl7", HL7_FILE),)}
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    """The outbox's retry policy from the ``dispatch`` section."""
+    settings = config.dispatch
+    return RetryPolicy(base_s=settings.retry_base_s, cap_s=settings.retry_cap_s,
+                       max_age_s=settings.max_age_h * 3600.0)
+
+
+def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[NewObject]:
+    """The objects a job of ``pipeline`` sends: one per (output file, destination).
+    Raises OSError while one of their files is not written yet."""
+    objects = []
+    for name in pipeline.send_to:
+        destination = config.destinations.get(name)
+        if destination is None:
+            continue
+        for output, object_kind, file_name in OBJECTS[destination.kind]:
+            if output in pipeline.outputs:
+                path = result_dir / file_name
+                if not path.is_file():
+                    raise FileNotFoundError(path)
+                objects.append(NewObject(name, destination.kind, object_kind, str(path),
+                                         _sop_instance_uid(path, destination.kind)))
+    return objects
+
+
+def _sop_instance_uid(path: Path, kind: str) -> str | None:
+    """A DICOM object's SOP Instance UID (what the PACS will hold); None for HL7."""
+    if kind != "dicom":
+        return None
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+class OutboxStage:
+    """Queues done jobs' objects and sends due rows from one thread until stopped."""
+
+    def __init__(self, db: StateDB, config: Config, calling_ae: str):
+        self.db = db
+        self.config = config
+        self.pipelines = {p.name: p for p in config.pipelines}
+        settings = config.dispatch
+        self.dispatcher = Dispatcher(db, config.destinations,
+                                     default_senders(calling_ae, settings.timeout_s),
+                                     policy=retry_policy(config),
+                                     batch_size=settings.batch_size)
+        self.outbox: Outbox = self.dispatcher.outbox
+        self.interval = settings.interval_s
+        self._waiting: set[str] = set()  # jobs logged as waiting for their files
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+
+    def start(self) -> None:
+        recovered = self.dispatcher.recover()
+        if recovered:
+            log.info("outbox: %d rows were being sent when the node stopped; pending again",
+                     recovered)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.config.dispatch.timeout_s + 10)
+
+    def tick(self) -> None:
+        """Queue what is new, then send one due batch per destination."""
+        self.queue_done_jobs()
+        for name, report in self.dispatcher.tick().items():
+            log.info("outbox %s: sent %d, retry %d, dead %d", name, report.sent,
+                     report.retry, report.dead)
+
+    def queue_done_jobs(self) -> list[str]:
+        """Add the rows of every done job that sends somewhere, has its objects written
+        and has no rows yet; returns the jobs queued."""
+        queued = []
+        for job in self._unqueued_done_jobs():
+            pipeline = self.pipelines.get(job["pipeline"])
+            if pipeline is None or not pipeline.send_to:
+                continue
+            objects = self._ready_objects(job, pipeline)
+            if objects is None:
+                continue
+            ids = self.outbox.add(job["job_id"], job["study_uid"], objects)
+            self.db.add_event("outbox_queued", job["study_uid"], job["series_uid"],
+                              job_id=job["job_id"], rows=len(ids))
+            log.info("job %s: %d outbox rows queued", job["job_id"], len(ids))
+            queued.append(job["job_id"])
+        return queued
+
+    def _unqueued_done_jobs(self) -> list[dict[str, Any]]:
+        """Done jobs with a result folder and no outbox row, oldest first."""
+        rows = self.db._query(
+            "SELECT job_id, pipeline, study_uid, series_uid, result_dir FROM jobs j"
+            " WHERE state = 'done' AND result_dir IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id)"
+            " ORDER BY finished_at, job_id")
+        return [dict(row) for row in rows]
+
+    def _ready_objects(self, job: dict[str, Any], pipeline: Pipeline) -> list[NewObject] | None:
+        """The job's objects, or None while one of their files is not written yet."""
+        folder = Path(job["result_dir"])
+        try:
+            objects = job_objects(pipeline, self.config, folder)
+        except (OSError, InvalidDicomError):
+            if job["job_id"] not in self._waiting:
+                self._waiting.add(job["job_id"])
+                log.info("job %s: waiting for its result objects", job["job_id"])
+            return None
+        self._waiting.discard(job["job_id"])
+        return objects
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # a bad row or file must not stop sending for good
+                log.exception("outbox stage tick failed")
+            self._stop.wait(self.interval)
