@@ -53,7 +53,8 @@ class Node:
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
         self.selector = SelectionWorker(self.db, pipelines, feature_settings(config))
         self.inferrer = InferenceWorker(self.db, worker_settings(
-            config, models, self.paths.root / "results"))
+            config, models, self.paths.root / "results",
+            write_objects="aiworker.results.objects:write_job_objects"))
         self.outbox = OutboxStage(self.db, config, config.node.ae_title)
         self.receiver: Receiver | ReceiverProcesses
         if config.node.receive_processes > 1:
