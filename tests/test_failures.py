@@ -281,7 +281,9 @@ def test_clean_restart_keeps_everything(node, make_study) -> None:
         and s.get("selection") and s,
         15, "the study to complete and be selected")
     node.restart()
-    assert node.log_text().count("listening: DICOM AE AIWORKER") == 2
+    # the banner is logged just after the port opens, which is when restart() returns
+    wait_until(lambda: node.log_text().count("listening: DICOM AE AIWORKER") == 2, 10,
+               "the restarted node's banner")
     assert "reconcile: ReconcileReport(temporaries_removed=0, marked_missing=0, indexed=0, " \
         "quarantined=0)" in node.log_text()
     assert node.study_status(study.study_uid) == before
