@@ -1,4 +1,4 @@
-"""The ``aiworker`` command line: serve, echo, send, status, select, phantom.
+"""The ``aiworker`` command line: serve, echo, send, status, select, phantom, demo.
 
 Every command but ``phantom`` takes ``--config FILE`` (default ``config/aiworker.yaml``). A
 bad config stops the command with one line per problem and exit code 2.
@@ -779,6 +779,36 @@ def phantom(
         console.print(f"{case_dir}: {study.plan.vendor.key} {study.plan.scanner.model}, "
                       f"{len(study.series)} series, {len(study.files)} files, "
                       f"{study.case.side} knee, ACL {acl_state}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path | None, typer.Option(
+        help="Folder for the study, the node's data and what arrives; default: a new "
+             "temporary folder (kept).")] = None,
+    keep: Annotated[bool, typer.Option(
+        help="Keep the node and the stand-in PACS and RIS running until Ctrl-C.")] = False,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="HOST:PORT of a running node: only send it the phantom study.")] = None,
+    aet: AETOption = "AIWORKER",
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the results.")
+                       ] = 300.0,
+) -> None:
+    """See it work: a phantom knee study through a throwaway node to a stand-in PACS and RIS."""
+    from aiworker.demo import DemoError, push_study, run_demo
+
+    try:
+        if to is None:
+            run_demo(workdir, timeout, keep, console)
+        else:
+            host, _, port = to.rpartition(":")
+            if not host or not port.isdigit():
+                err.print(f"demo: --to wants HOST:PORT, not {to!r}", highlight=False)
+                raise typer.Exit(2)
+            push_study(host, int(port), aet, workdir, console)
+    except DemoError as exc:
+        err.print(f"demo failed: {exc}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
 
 
 if __name__ == "__main__":
