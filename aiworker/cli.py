@@ -1,7 +1,9 @@
-"""The ``aiworker`` command line: serve, echo, send, status, select, phantom, demo.
+"""The ``aiworker`` command line: serve, echo, send, status, select, infer, retry, resend,
+phantom, train-demo, demo.
 
-Every command but ``phantom`` takes ``--config FILE`` (default ``config/aiworker.yaml``). A
-bad config stops the command with one line per problem and exit code 2.
+Every command but ``phantom`` and ``demo`` takes ``--config FILE`` (default
+``config/aiworker.yaml``). A bad config stops the command with one line per problem and exit
+code 2.
 """
 
 from __future__ import annotations
