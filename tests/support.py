@@ -434,3 +434,14 @@ def raw_echo(port: int, called: str = "AIWORKER", calling: str = "RAWSCU") -> in
     finally:
         assoc.release()
     return int(status.Status) if "Status" in status else None
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's lines about ``path`` that report an error (skips the test when dicom3tools
+    is not installed)."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False,
+                         timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+

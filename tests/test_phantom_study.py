@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from datetime import datetime
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from support import dciodvfy_errors
 from typer.testing import CliRunner
 
 from aiworker.cli import app
@@ -51,12 +51,6 @@ def tokens(value) -> set[str]:
         return set()
     return {str(v) for v in (value if isinstance(value, pydicom.multival.MultiValue)
                              else [value])}
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (proc.stdout + proc.stderr).splitlines()
-            if line.startswith("Error")]
 
 
 def geometry_of(datasets: list[pydicom.Dataset]) -> SliceGeometry:

@@ -6,8 +6,6 @@ checked with dciodvfy."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import SimpleITK as sitk
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
+from support import dciodvfy_errors
 
 from aiworker.infer.manifest import Manifest
 from aiworker.infer.registry import Registry, model_id
@@ -105,14 +104,6 @@ def interior(mask: np.ndarray) -> np.ndarray:
         for dc in range(5):
             out &= padded[dr:dr + rows, dc:dc + columns]
     return out
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy's lines that report an error (skips the test when it is not installed)."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
 
 def test_the_manifest_acl_is_label_10(case):

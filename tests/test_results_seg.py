@@ -5,8 +5,6 @@ highdicom: codes, references, frame-to-slice placement, UIDs and dciodvfy."""
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -16,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
+from support import dciodvfy_errors
 
 import aiworker
 from aiworker.infer.manifest import Code, Manifest
@@ -84,14 +83,6 @@ def binary(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("seg") / "seg.dcm"
     case.build().save_as(path, enforce_file_format=True)
     return path
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy's lines that report an error (skips the test when it is not installed)."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
 
 def test_the_labels_are_a_real_prediction_in_shuffled_instances(case):
