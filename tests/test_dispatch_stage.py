@@ -10,7 +10,6 @@ labels, as the infer stage writes them into ``var/results/<job_id>/``."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import time
@@ -18,11 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 import yaml
+from results_support import MANIFEST, MODEL_ID, truth_run
 from support import AIWORKER, free_port, needs_dcmtk, wait_until
 from test_dispatch_outbox import StoreSCP, mllp_listener
 from test_infer_e2e import send
@@ -30,9 +28,6 @@ from test_infer_worker import fake_record
 
 from aiworker.config import Config, load_config
 from aiworker.dispatch.stage import OutboxStage
-from aiworker.infer import findings as infer_findings
-from aiworker.infer.manifest import load_manifest
-from aiworker.infer.volume import load_series
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series
@@ -43,9 +38,6 @@ from aiworker.store.outbox import DEAD, PENDING, SENT, Outbox
 
 pytestmark = needs_dcmtk
 
-MANIFEST = load_manifest(Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo"
-                         / "model.yaml")
-MODEL_ID = "knee-demo@1.0.0"
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +45,9 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with a job's SEG, SR, report and ORU^R01 (a phantom's truth as the
     prediction)."""
     root = tmp_path_factory.mktemp("objects")
-    study = write_study(root / "study", StudyOptions(
-        seed=53, acl="torn", rescan=False, derived=False,
-        overrides=Overrides(roles=("sag_pd_fs",), matrix=64)))
-    paths = truth_series(study).files
-    loaded = load_series(paths)
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth.labels)))
-    labels = np.where(truth <= 11, truth, 0).astype(np.uint8)
-    voxel_ml = math.prod(loaded.image.GetSpacing()) / 1000.0
-    found = {"model": MODEL_ID, "series_uid": loaded.series_uid,
-             "volumes_ml": infer_findings.volumes_ml(labels, voxel_ml, MANIFEST),
-             "classification": {"acl": {"probability": 0.91, "threshold": 0.5,
-                                         "decision": "torn", "features": {}}}}
-    write_results(root / "out", paths, loaded, labels, found, MANIFEST, MODEL_ID)
+    run = truth_run(root / "study", seed=53, matrix=64)
+    write_results(root / "out", run.paths, run.loaded, run.labels, run.findings, MANIFEST,
+                  MODEL_ID)
     return root / "out"
 
 

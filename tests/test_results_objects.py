@@ -5,29 +5,19 @@ same when written twice."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+from results_support import MANIFEST, MODEL_ID, truth_run
 from support import dciodvfy_errors
 
-from aiworker.infer import findings as infer_findings
-from aiworker.infer.manifest import load_manifest
-from aiworker.infer.volume import load_series
-from aiworker.phantom.protocol import Overrides
-from aiworker.phantom.study import StudyOptions, write_study
-from aiworker.phantom.truth import truth_series
 from aiworker.results.hl7 import volume_code
 from aiworker.results.objects import write_results
 
-MANIFEST = load_manifest(Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo"
-                         / "model.yaml")
-MODEL_ID = "knee-demo@1.0.0"
 VOLUME = "118565006"
 TRACKING_IDENTIFIER = "112039"
 
@@ -36,22 +26,12 @@ TRACKING_IDENTIFIER = "112039"
 def written(tmp_path_factory: pytest.TempPathFactory):
     """A torn-ACL phantom's sagittal PD FS, its truth as the prediction, and its objects."""
     root = tmp_path_factory.mktemp("objects")
-    study = write_study(root / "study", StudyOptions(
-        seed=52, acl="torn", rescan=False, derived=False,
-        overrides=Overrides(roles=("sag_pd_fs",), matrix=128)))
-    paths = truth_series(study).files
-    loaded = load_series(paths)
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth.labels)))
-    labels = np.where(truth <= 11, truth, 0).astype(np.uint8)
-    voxel_ml = math.prod(loaded.image.GetSpacing()) / 1000.0
-    found = {"model": MODEL_ID, "series_uid": loaded.series_uid,
-             "volumes_ml": infer_findings.volumes_ml(labels, voxel_ml, MANIFEST),
-             "classification": {"acl": {"probability": 0.91, "threshold": 0.5,
-                                         "decision": "torn", "features": {}}}}
-    files = write_results(root / "out", paths, loaded, labels, found, MANIFEST, MODEL_ID)
-    again = write_results(root / "again", list(reversed(paths)), loaded, labels, found,
+    run = truth_run(root / "study", seed=52, matrix=128)
+    files = write_results(root / "out", run.paths, run.loaded, run.labels, run.findings,
                           MANIFEST, MODEL_ID)
-    return files, again, voxel_ml, found
+    again = write_results(root / "again", list(reversed(run.paths)), run.loaded, run.labels,
+                          run.findings, MANIFEST, MODEL_ID)
+    return files, again, run.voxel_ml, run.findings
 
 
 def sr_volumes(path: Path) -> dict[str, float]:

@@ -1,0 +1,52 @@
+"""A model run made from a phantom's ground truth, for tests of the result objects and of
+sending them: the truth labels stand in for the prediction, and the findings are counted
+on them as the engine counts its own."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from aiworker.infer import findings as infer_findings
+from aiworker.infer.manifest import load_manifest
+from aiworker.infer.volume import LoadedSeries, load_series
+from aiworker.phantom.protocol import Overrides
+from aiworker.phantom.study import StudyOptions, write_study
+from aiworker.phantom.truth import truth_series
+
+MANIFEST = load_manifest(Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo"
+                         / "model.yaml")
+MODEL_ID = "knee-demo@1.0.0"
+
+
+@dataclass
+class TruthRun:
+    """The sagittal PD FS of a torn-ACL phantom, its truth as labels, and the findings."""
+
+    paths: list[Path]
+    loaded: LoadedSeries
+    labels: np.ndarray
+    voxel_ml: float
+    findings: dict
+
+
+def truth_run(folder: Path, seed: int, matrix: int) -> TruthRun:
+    """Write a torn-ACL phantom (sagittal PD FS only, ``matrix`` square) under ``folder``
+    and make the run a job on it would be, with the truth as the prediction."""
+    study = write_study(folder, StudyOptions(
+        seed=seed, acl="torn", rescan=False, derived=False,
+        overrides=Overrides(roles=("sag_pd_fs",), matrix=matrix)))
+    paths = truth_series(study).files
+    loaded = load_series(paths)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth.labels)))
+    labels = np.where(truth <= 11, truth, 0).astype(np.uint8)
+    voxel_ml = math.prod(loaded.image.GetSpacing()) / 1000.0
+    findings = {"model": MODEL_ID, "series_uid": loaded.series_uid,
+                "volumes_ml": infer_findings.volumes_ml(labels, voxel_ml, MANIFEST),
+                "classification": {"acl": {"probability": 0.91, "threshold": 0.5,
+                                            "decision": "torn", "features": {}}}}
+    return TruthRun(paths, loaded, labels, voxel_ml, findings)
