@@ -29,6 +29,7 @@ from aiworker.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 if TYPE_CHECKING:  # the commands import their stages lazily, to start fast
     from aiworker.offline import Run
     from aiworker.select.decide import Pipeline, StudyDecision
+    from aiworker.store.db import StateDB
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="aiworker: DICOM network AI node for knee MRI.")
@@ -410,19 +411,25 @@ def _find_job(ref: str, config: Path) -> dict[str, Any] | None:
     return found[0] if len(found) == 1 else None
 
 
-def _requeue_outbox(config: Path, job: str | None, study: str | None) -> int:
-    """Queue outbox rows again: the dead rows of the job ``job``, every sent or dead row
-    of ``study``, or, when neither is given, every dead row. Returns how many."""
+def _node_db(config: Path, command: str, why_empty: str) -> StateDB:
+    """The running node's state DB; exit 1 saying ``why_empty`` when it has none yet."""
     from aiworker.store.db import StateDB
     from aiworker.store.layout import DataPaths
-    from aiworker.store.outbox import DEAD, Outbox
 
     db_path = DataPaths(_config(config).storage.data_dir).db
     if not db_path.exists():
-        err.print(f"resend: no state DB at {db_path}: nothing sent yet", highlight=False,
+        err.print(f"{command}: no state DB at {db_path}: {why_empty}", highlight=False,
                   markup=False)
         raise typer.Exit(1)
-    db = StateDB(db_path)
+    return StateDB(db_path)
+
+
+def _requeue_outbox(config: Path, job: str | None, study: str | None) -> int:
+    """Queue outbox rows again: the dead rows of the job ``job``, every sent or dead row
+    of ``study``, or, when neither is given, every dead row. Returns how many."""
+    from aiworker.store.outbox import DEAD, Outbox
+
+    db = _node_db(config, "resend", "nothing sent yet")
     try:
         outbox = Outbox(db)
         if study is not None:
@@ -438,15 +445,9 @@ def _requeue_outbox(config: Path, job: str | None, study: str | None) -> int:
 def _requeue_failed(ref: str, config: Path, command: str) -> None:
     """Re-queue the failed job ``ref`` names in the node's state DB; exit 1 when it names
     no job, several, or one that is not failed."""
-    from aiworker.store.db import JobError, StateDB
-    from aiworker.store.layout import DataPaths
+    from aiworker.store.db import JobError
 
-    db_path = DataPaths(_config(config).storage.data_dir).db
-    if not db_path.exists():
-        err.print(f"{command}: no state DB at {db_path}: no jobs yet", highlight=False,
-                  markup=False)
-        raise typer.Exit(1)
-    db = StateDB(db_path)
+    db = _node_db(config, command, "no jobs yet")
     try:
         job = db.retry_job(ref)
     except JobError as exc:
