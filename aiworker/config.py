@@ -93,11 +93,21 @@ class Selection(_Section):
                                                  "may differ by before spacing is non-uniform")
 
 
+DicomObject = Literal["seg", "sr", "sc"]
+
+
 class DicomDestination(_Section):
+    """A DICOM peer (PACS, viewer) that receives result objects by C-STORE.
+
+    ``accepts`` lists the objects it can take: ``seg`` (Segmentation), ``sr`` (the TID 1500
+    report), ``sc`` (the preview as a Secondary Capture). One that takes ``sc`` but not
+    ``seg`` gets the Secondary Capture in place of the Segmentation."""
+
     kind: Literal["dicom"]
     host: str
     port: Port
     ae_title: AETitle
+    accepts: list[DicomObject] = Field(["seg", "sr", "sc"], min_length=1)
 
 
 class HL7Destination(_Section):
@@ -117,6 +127,20 @@ class Pipeline(_Section):
     model: str
     outputs: list[Literal["seg", "sr", "report", "hl7", "preview"]] = ["seg", "sr", "report", "hl7"]
     send_to: list[str] = []
+
+
+class HL7(_Section):
+    """The ORU^R01 messages' header (MSH) and order (OBR universal service ID)."""
+
+    sending_application: str = Field("AIWORKER", min_length=1)
+    sending_facility: str = Field("AIWORKER", min_length=1)
+    receiving_application: str = Field("RIS", min_length=1)
+    receiving_facility: str = Field("HOSPITAL", min_length=1)
+    service_code: str = Field("AIKNEE", min_length=1)
+    service_text: str = "AI knee MRI analysis"
+    service_coding_system: str = Field("99AIW", min_length=1)
+    processing_id: Literal["P", "D", "T"] = Field("P", description="P production, D debug, "
+                                                                   "T training")
 
 
 class Dispatch(_Section):
@@ -169,6 +193,7 @@ class Config(_Section):
     selection: Selection = Selection()
     destinations: dict[str, Destination] = {}
     pipelines: list[Pipeline] = []
+    hl7: HL7 = HL7()
     dispatch: Dispatch = Dispatch()
     web: Web = Web()
     inference: Inference = Inference()
