@@ -695,7 +695,7 @@ def _infer_run(cfg: Config, model: str | None, device: str | None, models_dir: P
     except (OfflineError, ModelError) as exc:
         err.print(f"infer: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc
-    return Run(pipeline, engine, feature_settings(cfg), out)
+    return Run(pipeline, engine, feature_settings(cfg), out, cfg.hl7.model_dump())
 
 
 @app.command("train-demo")

@@ -5,9 +5,9 @@ receiving SCP (standing in for the PACS) and an MLLP listener (standing in for t
 free loopback ports, starts ``aiworker serve`` as a subprocess configured to send its
 results to them, C-STOREs the study to it, waits until the SEG and SR reached the SCP and
 the ORU^R01 the listener, then prints the report, the ACL finding, the timings per stage
-and the paths of what arrived. The node writes no preview image yet, so the demo renders
-the PNG itself from the job's labels and the source series. :func:`push_study` only writes
-the study and sends it to a node that is already running.
+and the paths of what arrived, with the preview PNG the node wrote in the job's result
+folder. :func:`push_study` only writes the study and sends it to a node that is already
+running.
 """
 
 from __future__ import annotations
@@ -278,25 +278,6 @@ def stage_timings(db_path: Path, job: dict[str, Any]) -> list[tuple[str, float]]
     return stages
 
 
-def render_demo_preview(study: Any, job: dict[str, Any], path: Path) -> Path:
-    """The preview PNG of the job's labels (``labels.nii.gz``) on its source series."""
-    import pydicom
-    import SimpleITK as sitk
-
-    from aiworker.infer.registry import Registry
-    from aiworker.infer.volume import load_series
-    from aiworker.infer.worker import LABELS_FILE
-    from aiworker.results.preview import render_preview, write_png
-
-    files = [p for p in study.files
-             if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID
-             == job["series_uid"]]
-    loaded = load_series(files)
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(job["result_dir"]) / LABELS_FILE)))
-    manifest = Registry().get(job["model"].split("@")[0]).manifest
-    return write_png(render_preview(loaded, labels, manifest), path)
-
-
 def print_results(console: Console, job: dict[str, Any], timings: list[tuple[str, float]],
                   files: dict[str, Path]) -> None:
     """The report, the ACL finding, the timings per stage and the received files."""
@@ -321,6 +302,7 @@ def print_results(console: Console, job: dict[str, Any], timings: list[tuple[str
 
 def run_demo(workdir: Path | None, timeout: float, keep: bool, console: Console) -> None:
     """The whole demo (see the module docstring); raises DemoError when it cannot finish."""
+    from aiworker.results.objects import PREVIEW_FILE
     from aiworker.store.layout import DataPaths
 
     workdir = Path(tempfile.mkdtemp(prefix="aiworker-demo-")) if workdir is None else workdir
@@ -345,13 +327,11 @@ def run_demo(workdir: Path | None, timeout: float, keep: bool, console: Console)
         console.print("study sent; waiting for the results ...")
         db_path = DataPaths(workdir / "var").db
         job = wait_for_results(db_path, arrivals, timeout, node)
-        preview = render_demo_preview(study, job, workdir / "preview.png")
         print_results(console, job, stage_timings(db_path, job), {
             "SEG received by the PACS": arrivals.dicom_of("SEG"),
             "SR received by the PACS": arrivals.dicom_of("SR"),
             "HL7 ORU^R01 received by the RIS": arrivals.hl7[0],
-            "preview PNG (rendered by the demo from the job's labels; the node writes no "
-            "preview yet)": preview})
+            "preview PNG (written by the node)": Path(job["result_dir"]) / PREVIEW_FILE})
         if keep:
             _wait_for_ctrl_c(console, config)
     finally:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from aiworker.config import Config
-from aiworker.dispatch.stage import OutboxStage
+from aiworker.dispatch.stage import OutboxStage, object_options
 from aiworker.infer.manifest import ManifestError
 from aiworker.infer.worker import InferenceWorker, resolve_models, worker_settings
 from aiworker.receive.processes import ReceiverProcesses
@@ -54,7 +54,8 @@ class Node:
         self.selector = SelectionWorker(self.db, pipelines, feature_settings(config))
         self.inferrer = InferenceWorker(self.db, worker_settings(
             config, models, self.paths.root / "results",
-            write_objects="aiworker.results.objects:write_job_objects"))
+            write_objects="aiworker.results.objects:write_job_objects",
+            object_options=object_options(config)))
         self.outbox = OutboxStage(self.db, config, config.node.ae_title)
         self.receiver: Receiver | ReceiverProcesses
         if config.node.receive_processes > 1:

@@ -10,10 +10,12 @@ succeeds gets ``DIR/<StudyInstanceUID>/``:
   spacing and direction);
 * ``findings.json``: the study, the selection (pipeline, rules, the chosen series with their
   numbers and descriptions), the model, the device and the engine's findings;
-* ``seg.dcm``, ``sr.dcm``, ``report.txt``, ``oru.hl7``: the DICOM SEG and SR, the text
-  report and the HL7 ORU^R01 the node sends (:mod:`aiworker.results.objects`);
+* ``seg.dcm``, ``sr.dcm``, ``report.txt``, ``oru.hl7``, ``preview.png``, ``sc.dcm``: the
+  DICOM SEG and SR, the text report, the HL7 ORU^R01 (with the config's ``hl7`` header),
+  the preview and its Secondary Capture, as the node writes them
+  (:mod:`aiworker.results.objects`);
 * ``timings.json``: seconds for load (decode), preprocess, model, postprocess, resample,
-  seg, sr, report, hl7 and total (selection to written files).
+  seg, sr, report, hl7, preview and total (selection to written files).
 
 A study without a selected series, or whose series cannot be loaded or run, gets a result
 with its reason and failure kind (``data``, ``model``, ``resource``) and the run goes on.
@@ -87,6 +89,7 @@ class Run:
     engine: Engine
     settings: FeatureSettings
     out_dir: Path
+    hl7_settings: dict[str, Any] | None = None  # the config's hl7 section
 
 
 def pick_pipeline(configured: list[Pipeline], model: str | None) -> Pipeline:
@@ -149,7 +152,8 @@ def infer_study(study: StudyHeaders, run: Run) -> StudyResult:
     try:
         objects = write_results(Path(result.output), series_files(study, loaded[0].series_uid),
                                 loaded[0], outcome.labels, outcome.findings,
-                                run.engine.manifest, run.engine.model_id)
+                                run.engine.manifest, run.engine.model_id, run.hl7_settings,
+                                secondary_capture=True)
     except (SegError, SRError, ValueError) as exc:
         result.status = FAILED
         result.error = {"kind": "data", "reason": f"result objects: {str(exc).splitlines()[0]}"}

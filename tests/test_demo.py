@@ -43,7 +43,8 @@ def test_the_demo_shows_a_study_s_results_arriving_at_the_pacs_and_ris(tmp_path)
     seg = printed_path(out, "SEG received by the PACS")
     sr = printed_path(out, "SR received by the PACS")
     hl7 = printed_path(out, "HL7 ORU^R01 received by the RIS")
-    png = printed_path(out, "preview PNG")
+    png = printed_path(out, "preview PNG (written by the node)")
+    assert png.name == "preview.png" and png.parent.parent.name == "results"
     assert seg.parent == sr.parent == tmp_path / "demo" / "pacs"
     assert pydicom.dcmread(seg).SOPClassUID == SegmentationStorage
     assert pydicom.dcmread(sr).SOPClassUID == Comprehensive3DSRStorage

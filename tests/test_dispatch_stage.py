@@ -27,11 +27,11 @@ from test_infer_e2e import send
 from test_infer_worker import fake_record
 
 from aiworker.config import Config, load_config
-from aiworker.dispatch.stage import OutboxStage
+from aiworker.dispatch.stage import OutboxStage, dicom_objects, object_options
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series
-from aiworker.results.objects import HL7_FILE, SEG_FILE, SR_FILE, write_results
+from aiworker.results.objects import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE, write_results
 from aiworker.store.db import NewJob, StateDB
 from aiworker.store.layout import DataPaths
 from aiworker.store.outbox import DEAD, PENDING, SENT, Outbox
@@ -42,12 +42,12 @@ pytestmark = needs_dcmtk
 
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with a job's SEG, SR, report and ORU^R01 (a phantom's truth as the
-    prediction)."""
+    """A folder with a job's SEG, SR, report, ORU^R01, preview and Secondary Capture (a
+    phantom's truth as the prediction)."""
     root = tmp_path_factory.mktemp("objects")
     run = truth_run(root / "study", seed=53, matrix=64)
     write_results(root / "out", run.paths, run.loaded, run.labels, run.findings, MANIFEST,
-                  MODEL_ID)
+                  MODEL_ID, secondary_capture=True)
     return root / "out"
 
 
@@ -61,6 +61,7 @@ class Site:
     def __init__(self, root: Path, destinations: dict[str, dict[str, Any]],
                  send_to: list[str], outputs: list[str] | None = None):
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "aiworker.yaml"
         pipeline = {"name": "knee", "rules": "config/rules/knee.yaml", "model": "knee-demo",
                     "send_to": send_to}
@@ -185,6 +186,40 @@ def test_rows_wait_for_the_objects_and_follow_the_pipeline_outputs(tmp_path, obj
         assert [(r.destination, r.object_kind) for r in stage.outbox.rows()] == [("pacs", "sr")]
     finally:
         site.db.close()
+
+
+def test_each_destination_gets_what_it_accepts(tmp_path, objects):
+    """``accepts: [sr, sc]`` gets the Secondary Capture in place of the SEG; a default
+    destination gets the SC only when the outputs name ``preview``; the node's object
+    options ask for an SC exactly when some destination gets one."""
+    viewer = dicom(free_port()) | {"accepts": ["sr", "sc"]}
+    site = Site(tmp_path, {"pacs": dicom(free_port()), "viewer": viewer, "ris": hl7(free_port())},
+                ["pacs", "viewer", "ris"])
+    job_id, _ = site.done_job(objects)
+    stage = OutboxStage(site.db, site.config, "AIWORKER")
+    try:
+        assert stage.queue_done_jobs() == [job_id]
+        sent = sorted((r.destination, r.object_kind) for r in stage.outbox.rows())
+        assert sent == [("pacs", "seg"), ("pacs", "sr"), ("ris", "hl7"), ("viewer", "sc"),
+                        ("viewer", "sr")]
+        sc_row = next(r for r in stage.outbox.rows() if r.object_kind == "sc")
+        assert sc_row.sop_instance_uid == sop_uid(objects / SC_FILE)
+    finally:
+        site.db.close()
+    assert object_options(site.config)["knee"]["secondary_capture"] is True
+    assert object_options(site.config)["knee"]["hl7"] == site.config.hl7.model_dump()
+
+    pacs = {"pacs": dicom(free_port())}
+    plain = Site(tmp_path / "plain", pacs, ["pacs"])
+    with_preview = Site(tmp_path / "preview", pacs, ["pacs"],
+                        outputs=["seg", "sr", "preview"])
+    pipeline, destination = plain.config.pipelines[0], plain.config.destinations["pacs"]
+    assert dicom_objects(pipeline, destination) == ["seg", "sr"]
+    assert object_options(plain.config)["knee"]["secondary_capture"] is False
+    assert dicom_objects(with_preview.config.pipelines[0], destination) == ["seg", "sr", "sc"]
+    assert object_options(with_preview.config)["knee"]["secondary_capture"] is True
+    for site_ in (plain, with_preview):
+        site_.db.close()
 
 
 def test_a_down_destination_keeps_rows_pending_until_resent(tmp_path, objects):

@@ -59,7 +59,7 @@ TINY_MANIFEST: dict[str, Any] = {
     "intended_use": "Tests only; not a medical device.",
 }
 TIMINGS = {"load", "preprocess", "model", "postprocess", "resample", "seg", "sr", "report",
-           "hl7", "total"}
+           "hl7", "preview", "total"}
 ENTRY_KEYS = {"study_uid", "status", "pipeline", "model", "series", "output", "device",
               "findings", "timings", "error"}
 HAVE_KNEE_DEMO = (BUNDLED_MODELS / "knee_demo" / "model.yaml").exists()
@@ -140,7 +140,12 @@ def assert_study_outputs(out: Path, case: Path, entry: dict[str, Any], model: st
     assert {item.SegmentLabel for item in seg.SegmentSequence} == set(
         written["findings"]["volumes_ml"])
     assert "not for diagnostic use" in (folder / "report.txt").read_text()
-    assert (folder / "oru.hl7").read_bytes().startswith(b"MSH|")
+    assert (folder / "oru.hl7").read_bytes().startswith(b"MSH|^~\\&|AIWORKER|AIWORKER|RIS|")
+    assert (folder / "preview.png").read_bytes().startswith(b"\x89PNG")
+    sc = pydicom.dcmread(folder / "sc.dcm")
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in {
+        ref.ReferencedSOPInstanceUID for ref in seg.ReferencedSeriesSequence[0]
+        .ReferencedInstanceSequence}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

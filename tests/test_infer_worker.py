@@ -441,13 +441,24 @@ def write_objects_or_refuse(folder: Path, source_paths: list[str], loaded: Any,
 
 def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registry, series):
     """A worker naming a ``write_objects`` hook: a done job's folder also holds its SEG, SR,
-    report and ORU^R01, timed; objects the labels cannot make fail the job as ``data``."""
-    from aiworker.results.objects import HL7_FILE, REPORT_FILE, SEG_FILE, SR_FILE
+    report, ORU^R01, preview and (as the pipeline's options ask) Secondary Capture, timed,
+    with the pipeline's HL7 settings; objects the labels cannot make fail the job as
+    ``data``."""
+    from aiworker.results.objects import (
+        HL7_FILE,
+        PREVIEW_FILE,
+        REPORT_FILE,
+        SC_FILE,
+        SEG_FILE,
+        SR_FILE,
+    )
     from aiworker.results.uids import result_uid
 
+    options = {"knee": {"secondary_capture": True, "hl7": {"sending_application": "KNEEAI"}}}
     settings = WorkerSettings(models={"tiny": registry.get("tiny")},
                               results_dir=node_dir / "results", device="cpu", threads=1,
-                              write_objects="test_infer_worker:write_objects_or_refuse")
+                              write_objects="test_infer_worker:write_objects_or_refuse",
+                              object_options=options)
     inferrer = InferenceWorker(db, settings)
     try:
         paths = series()
@@ -460,10 +471,14 @@ def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registr
         inferrer.stop()
     done = job(db, done_id)
     assert done["state"] == "done", done["error"]
-    assert set(done["timings"]) == STEPS | {"seg", "sr", "report", "hl7"}
+    assert set(done["timings"]) == STEPS | {"seg", "sr", "report", "hl7", "preview"}
     folder = Path(done["result_dir"])
     assert sorted(os.listdir(folder)) == sorted(
-        [FINDINGS_FILE, LABELS_FILE, SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE])
+        [FINDINGS_FILE, LABELS_FILE, SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE, PREVIEW_FILE,
+         SC_FILE])
+    assert (folder / HL7_FILE).read_bytes().decode().split("|")[2] == "KNEEAI"
+    assert pydicom.dcmread(folder / SC_FILE).SOPInstanceUID == result_uid(
+        load_series(paths).series_uid, "tiny@1.0.0", "sc", "sop")
     seg = pydicom.dcmread(folder / SEG_FILE)
     series_uid = load_series(paths).series_uid
     assert seg.SOPInstanceUID == result_uid(series_uid, "tiny@1.0.0", "seg")

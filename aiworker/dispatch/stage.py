@@ -1,14 +1,16 @@
 """The node's outbox stage: queues each done job's result objects, then sends them.
 
 Once a job is ``done`` and the objects its pipeline sends are written in its result folder
-(``seg.dcm``, ``sr.dcm``, ``oru.hl7``), :meth:`OutboxStage.queue_done_jobs` adds one
-outbox row per (object, destination) of the pipeline's ``send_to``, all rows of a job in
-one transaction: a DICOM destination gets the SEG and the SR (those of the pipeline's
-``outputs``), an HL7 destination the ORU^R01 (output ``hl7``). A job that already has rows
-is never queued again; sending it again is ``aiworker resend``. The stage's thread
+(``seg.dcm``, ``sr.dcm``, ``sc.dcm``, ``oru.hl7``), :meth:`OutboxStage.queue_done_jobs` adds
+one outbox row per (object, destination) of the pipeline's ``send_to``, all rows of a job in
+one transaction (:func:`dicom_objects`): a DICOM destination gets the SEG and the SR of the
+pipeline's ``outputs`` that it ``accepts``, and the preview as a Secondary Capture when the
+outputs name ``preview`` or when it takes ``sc`` but no ``seg`` (the picture in place of the
+segmentation); an HL7 destination gets the ORU^R01 (output ``hl7``). A job that already has
+rows is never queued again; sending it again is ``aiworker resend``. The stage's thread
 recovers rows cut off by a crash once at start, then queues and sends (the
-:class:`~aiworker.dispatch.outbox.Dispatcher`'s ``tick``) every ``dispatch.interval_s``.
-Log lines and events carry ids only.
+:class:`~aiworker.dispatch.outbox.Dispatcher`'s ``tick``) every ``dispatch.interval_s``. Log
+lines and events carry ids only.
 """
 
 from __future__ import annotations
@@ -21,17 +23,41 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from aiworker.config import Config, Pipeline
+from aiworker.config import Config, DicomDestination, Pipeline
 from aiworker.dispatch.outbox import Dispatcher, default_senders
-from aiworker.results.objects import HL7_FILE, SEG_FILE, SR_FILE
+from aiworker.results.objects import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE
 from aiworker.store.db import StateDB
 from aiworker.store.outbox import NewObject, Outbox, RetryPolicy
 
 log = logging.getLogger(__name__)
 
-# (output, object kind, file name) sent to each kind of destination
-OBJECTS = {"dicom": (("seg", "seg", SEG_FILE), ("sr", "sr", SR_FILE)),
-           "hl7": (("hl7", "hl7", HL7_FILE),)}
+FILES = {"seg": SEG_FILE, "sr": SR_FILE, "sc": SC_FILE, "hl7": HL7_FILE}
+
+
+def dicom_objects(pipeline: Pipeline, destination: DicomDestination) -> list[str]:
+    """The DICOM objects (``seg``, ``sr``, ``sc``) a job of ``pipeline`` sends to
+    ``destination`` (see the module's rules)."""
+    wanted = [kind for kind in ("seg", "sr") if kind in pipeline.outputs
+              and kind in destination.accepts]
+    instead_of_seg = "seg" in pipeline.outputs and "seg" not in destination.accepts
+    if "sc" in destination.accepts and ("preview" in pipeline.outputs or instead_of_seg):
+        wanted.append("sc")
+    return wanted
+
+
+def object_options(config: Config) -> dict[str, dict[str, Any]]:
+    """Per pipeline, the options its jobs' result objects are written with (the inference
+    process's ``write_objects`` hook): the HL7 header and order settings, and whether a
+    Secondary Capture is made (some destination of the pipeline gets one)."""
+    options = {}
+    for pipeline in config.pipelines:
+        destinations = [config.destinations.get(name) for name in pipeline.send_to]
+        secondary_capture = "preview" in pipeline.outputs or any(
+            "sc" in dicom_objects(pipeline, d) for d in destinations
+            if isinstance(d, DicomDestination))
+        options[pipeline.name] = {"hl7": config.hl7.model_dump(),
+                                  "secondary_capture": secondary_capture}
+    return options
 
 
 def retry_policy(config: Config) -> RetryPolicy:
@@ -49,13 +75,16 @@ def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[Ne
         destination = config.destinations.get(name)
         if destination is None:
             continue
-        for output, object_kind, file_name in OBJECTS[destination.kind]:
-            if output in pipeline.outputs:
-                path = result_dir / file_name
-                if not path.is_file():
-                    raise FileNotFoundError(path)
-                objects.append(NewObject(name, destination.kind, object_kind, str(path),
-                                         _sop_instance_uid(path, destination.kind)))
+        if isinstance(destination, DicomDestination):
+            kinds = dicom_objects(pipeline, destination)
+        else:
+            kinds = ["hl7"] if "hl7" in pipeline.outputs else []
+        for object_kind in kinds:
+            path = result_dir / FILES[object_kind]
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            objects.append(NewObject(name, destination.kind, object_kind, str(path),
+                                     _sop_instance_uid(path, destination.kind)))
     return objects
 
 

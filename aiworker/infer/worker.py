@@ -15,8 +15,10 @@ and ``findings.json`` (``write``), and replies with the findings, timings and de
 node adds ``total`` (the round trip) and records the job ``done``. When the settings name a
 ``write_objects`` function (``"module:function"``, imported in the inference process: the
 node names :func:`aiworker.results.objects.write_job_objects`, a stage this one does not
-import), it then writes the job's result objects into the same folder and its timings (``seg``,
-``sr``, ``report``, ``hl7``) join the job's; a ``ValueError`` from it fails the job as ``data``.
+import), it then writes the job's result objects into the same folder, given the options the
+settings hold for the job's pipeline (``object_options``), and its timings (``seg``, ``sr``,
+``report``, ``hl7``, ``preview``) join the job's; a ``ValueError`` from it fails the job as
+``data``.
 
 A job fails with a kind: ``data`` (the series cannot be read as one volume), ``model``
 (the model cannot load, or rejects the input; any unexpected error, named by its type) or
@@ -38,7 +40,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ FINDINGS_FILE = "findings.json"
 LOAD_LIMIT_S = 600.0  # the inference process must have loaded its models by then
 POLL_S = 0.25  # how often a wait for the inference process looks at the stop flag
 STEPS = ("load", "preprocess", "model", "postprocess", "resample", "write", "seg", "sr", "report",
-         "hl7", "total")
+         "hl7", "preview", "total")
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,20 @@ class WorkerSettings:
     log_level: str = "INFO"
     json_lines: bool = False
     write_objects: str | None = None  # "module:function" writing a done job's result objects
+    object_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per pipeline
 
 
 def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: Path,
-                    write_objects: str | None = None) -> WorkerSettings:
-    """The settings of the node's inference worker, from its config."""
+                    write_objects: str | None = None,
+                    object_options: dict[str, dict[str, Any]] | None = None) -> WorkerSettings:
+    """The settings of the node's inference worker, from its config; ``object_options``
+    (pipeline name -> plain options) go to ``write_objects`` with each job of the pipeline."""
     return WorkerSettings(
         models=models, results_dir=results_dir, device=config.inference.device,
         time_limit_s=config.inference.time_limit_s,
         threads=config.inference.threads or default_threads(), nice=config.inference.nice,
         log_level=config.logging.level, json_lines=config.logging.json_lines,
-        write_objects=write_objects)
+        write_objects=write_objects, object_options=object_options or {})
 
 
 def default_threads() -> int:
@@ -214,7 +219,8 @@ class InferenceWorker:
                                   "instances")
             inputs.append(paths)
         request = {"job_id": job["job_id"], "model": job["model"], "inputs": inputs,
-                   "result_dir": str(self.settings.results_dir / job["job_id"])}
+                   "result_dir": str(self.settings.results_dir / job["job_id"]),
+                   "objects": self.settings.object_options.get(job["pipeline"], {})}
         return request, self.time_limit_s or spec.manifest.inference.time_limit_s
 
     def _ask(self, request: dict[str, Any], limit: float) -> dict[str, Any] | None:
@@ -449,7 +455,7 @@ def _write_objects(target: str, request: dict[str, Any], loaded: Any, labels: An
     write: Callable[..., dict[str, float]] = getattr(importlib.import_module(module), name)
     try:
         return write(Path(request["result_dir"]), request["inputs"][0], loaded, labels,
-                     findings, spec.manifest, model_id(spec))
+                     findings, spec.manifest, model_id(spec), request.get("objects", {}))
     except ValueError as exc:
         raise ObjectsError(f"the result objects cannot be made: {exc}") from exc
 

@@ -3,17 +3,20 @@
 :func:`write_results` turns a run's labels and findings into the files that go to the PACS
 and the RIS: ``seg.dcm`` (:mod:`~aiworker.results.seg`), ``sr.dcm``
 (:mod:`~aiworker.results.sr`, referencing the SEG's segments), ``report.txt``
-(:mod:`~aiworker.results.report`) and ``oru.hl7`` (:mod:`~aiworker.results.hl7`, carrying
-the report). Each file is written under a temporary name, fsynced and renamed, so a crash
-never leaves half an object under its real name. Their UIDs and the HL7 control id are
-derived from the series and the model, so writing them again gives the same objects.
+(:mod:`~aiworker.results.report`), ``oru.hl7`` (:mod:`~aiworker.results.hl7`, carrying the
+report) and ``preview.png`` (:mod:`~aiworker.results.preview`, for the dashboard and the
+reader); with ``secondary_capture`` also ``sc.dcm``, the preview as a DICOM Secondary
+Capture for PACS viewers that cannot show a SEG. Each file is written under a temporary
+name, fsynced and renamed, so a crash never leaves half an object under its real name. Their
+UIDs and the HL7 control id are derived from the series and the model, so writing them again
+gives the same objects.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,21 @@ import pydicom
 from aiworker.infer.manifest import Manifest
 from aiworker.infer.volume import LoadedSeries
 from aiworker.results.hl7 import Hl7Settings, build_oru
+from aiworker.results.preview import (
+    PreviewError,
+    acl_label,
+    build_secondary_capture,
+    preview_slice,
+    render_preview,
+    slice_source,
+)
 from aiworker.results.report import SeriesInfo, report_text
 from aiworker.results.seg import SegError, build_seg
 from aiworker.results.sr import SRError, build_sr
 from aiworker.store.spool import fsync_path
 
 SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE = "seg.dcm", "sr.dcm", "report.txt", "oru.hl7"
+PREVIEW_FILE, SC_FILE = "preview.png", "sc.dcm"
 
 
 @dataclass
@@ -40,14 +52,18 @@ class ResultFiles:
     sr: Path
     report: Path
     hl7: Path
+    preview: Path
+    sc: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
 def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: LoadedSeries,
                   labels: np.ndarray, findings: dict[str, Any], manifest: Manifest,
-                  model_id: str, hl7_settings: Hl7Settings | None = None) -> ResultFiles:
-    """Build and write the SEG, SR, report and ORU^R01 of one run on the series ``loaded``
-    (read from ``source_paths``) into ``folder``."""
+                  model_id: str, hl7_settings: Hl7Settings | Mapping[str, Any] | None = None,
+                  secondary_capture: bool = False) -> ResultFiles:
+    """Build and write the SEG, SR, report, ORU^R01 and preview of one run on the series
+    ``loaded`` (read from ``source_paths``) into ``folder``; the Secondary Capture too when
+    ``secondary_capture``."""
     folder.mkdir(parents=True, exist_ok=True)
     datasets = [pydicom.dcmread(path) for path in source_paths]
     timings: dict[str, float] = {}
@@ -56,9 +72,20 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
     report = _timed(timings, "report", lambda: report_text(
         datasets[0], SeriesInfo.from_dataset(datasets[0]), findings, manifest))
     message = _timed(timings, "hl7", lambda: build_oru(datasets[0], findings, report, manifest,
-                                                       model_id, hl7_settings))
+                                                       model_id, Hl7Settings.of(hl7_settings)))
+    started = time.perf_counter()
+    k = preview_slice(labels, acl_label(manifest))
+    image = render_preview(loaded, labels, manifest, slice_index=k)
     files = ResultFiles(folder / SEG_FILE, folder / SR_FILE, folder / REPORT_FILE,
-                        folder / HL7_FILE, timings)
+                        folder / HL7_FILE, folder / PREVIEW_FILE, timings=timings)
+    _write(files.preview, lambda path: image.save(path, format="PNG"))
+    if secondary_capture:
+        source, frame = slice_source(datasets, loaded, k)
+        sc = build_secondary_capture(source, image, model_id, loaded.series_uid,
+                                     source_frame=frame)
+        files.sc = folder / SC_FILE
+        _write(files.sc, lambda path: sc.save_as(path, enforce_file_format=True))
+    timings["preview"] = round(time.perf_counter() - started, 4)
     _write(files.seg, lambda path: seg.save_as(path, enforce_file_format=True))
     _write(files.sr, lambda path: sr.save_as(path, enforce_file_format=True))
     _write(files.report, lambda path: path.write_text(report, encoding="utf-8"))
@@ -83,13 +110,17 @@ def _write(path: Path, write: Callable[[Path], Any]) -> None:
 
 def write_job_objects(folder: Path, source_paths: Sequence[Path | str], loaded: LoadedSeries,
                       labels: np.ndarray, findings: dict[str, Any], manifest: Manifest,
-                      model_id: str) -> dict[str, float]:
+                      model_id: str, options: Mapping[str, Any] | None = None
+                      ) -> dict[str, float]:
     """The inference process's hook (``WorkerSettings.write_objects``): write a done job's
     result objects with :func:`write_results`; seconds per kind (``seg``, ``sr``, ``report``,
-    ``hl7``). Labels or a source that cannot make them raise ``ValueError``, which fails
-    the job as ``data``."""
+    ``hl7``, ``preview``). ``options`` are the job's pipeline's: ``hl7`` (the
+    :class:`Hl7Settings` fields) and ``secondary_capture``. Labels or a source that cannot
+    make them raise ``ValueError``, which fails the job as ``data``."""
+    options = options or {}
     try:
         return write_results(folder, source_paths, loaded, labels, findings, manifest,
-                             model_id).timings
-    except (SegError, SRError) as exc:
+                             model_id, options.get("hl7"),
+                             bool(options.get("secondary_capture"))).timings
+    except (SegError, SRError, PreviewError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
