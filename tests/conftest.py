@@ -205,9 +205,15 @@ class OrthancProcess:
             "DicomModalities": modalities,
             "Plugins": [],
         }, indent=2))
+        self.start()
+
+    def start(self) -> None:
+        """Start Orthanc (again, after :meth:`stop`: same ports, same storage) and wait
+        until its REST API answers."""
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(ORTHANC), str(self.config_path)], cwd=workdir,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([str(ORTHANC), str(self.config_path)],
+                                         cwd=self.config_path.parent, stdout=log,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + max(STARTUP_TIMEOUT_S, 30)
         while True:
             if self.proc.poll() is not None:
@@ -220,6 +226,12 @@ class OrthancProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Orthanc did not start: {self.log_path.read_text()}")
             time.sleep(0.1)
+
+    def file(self, instance_id: str) -> bytes:
+        """The DICOM file of one of Orthanc's instances."""
+        url = f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.read()
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
         data = None if body is None else (body if isinstance(body, bytes)

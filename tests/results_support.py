@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 
 from aiworker.infer import findings as infer_findings
@@ -21,6 +22,8 @@ from aiworker.phantom.truth import truth_series
 MANIFEST = load_manifest(Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo"
                          / "model.yaml")
 MODEL_ID = "knee-demo@1.0.0"
+VOLUME = "118565006"  # SCT Volume, the SR's measurement
+TRACKING_IDENTIFIER = "112039"  # DCM Tracking Identifier
 
 
 @dataclass
@@ -50,3 +53,28 @@ def truth_run(folder: Path, seed: int, matrix: int) -> TruthRun:
                 "classification": {"acl": {"probability": 0.91, "threshold": 0.5,
                                             "decision": "torn", "features": {}}}}
     return TruthRun(paths, loaded, labels, voxel_ml, findings)
+
+
+def sr_volumes(sr: Path | pydicom.Dataset) -> dict[str, float]:
+    """Tracking identifier -> Volume (ml) of every measurement group of an SR (a file or a
+    data set)."""
+    volumes = {}
+
+    def walk(items, group: dict) -> None:
+        for item in items:
+            concept = item.ConceptNameCodeSequence[0].CodeValue
+            if concept == TRACKING_IDENTIFIER:
+                group["name"] = item.TextValue
+            if concept == VOLUME:
+                measured = item.MeasuredValueSequence[0]
+                assert measured.MeasurementUnitsCodeSequence[0].CodeValue == "ml"
+                group["ml"] = float(measured.NumericValue)
+            if "ContentSequence" in item:
+                inner: dict = {}
+                walk(item.ContentSequence, inner)
+                if {"name", "ml"} <= inner.keys():
+                    volumes[inner["name"]] = inner["ml"]
+                group.update({k: v for k, v in inner.items() if k not in group})
+
+    walk((sr if isinstance(sr, pydicom.Dataset) else pydicom.dcmread(sr)).ContentSequence, {})
+    return volumes

@@ -17,6 +17,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -369,6 +370,7 @@ def node_config(workdir: Path, name: str, overrides: dict[str, Any] | None = Non
         "node": {"host": "127.0.0.1", "port": port or free_port()},
         "storage": {"data_dir": str(workdir / f"{name}-var"), "min_free_mb": 1},
         "completion": {"series_stable_seconds": 1.0},
+        "web": {"port": free_port()},  # nodes side by side: never the default 8080
     }
     return deep_merge(deep_merge(base, test_values), overrides or {})
 
@@ -445,3 +447,52 @@ def dciodvfy_errors(path: Path) -> list[str]:
                          timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
+
+
+# --- a RIS stand-in ------------------------------------------------------------------------
+
+
+class MllpListener:
+    """An HL7 receiver on a free loopback port: reads MLLP-framed messages (several per
+    connection), keeps each one's text in ``messages`` and answers it with an ACK whose
+    MSA-1 is the next of ``codes`` (the last one repeats) and MSA-3 ``reason``."""
+
+    def __init__(self, codes: tuple[str, ...] = ("AA",), reason: str = ""):
+        self.codes, self.reason = list(codes), reason
+        self.messages: list[str] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True, name="mllp-listener").start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\x1c\x0d" in buffer:
+                frame, buffer = buffer.split(b"\x1c\x0d", 1)
+                text = frame.lstrip(b"\x0b").decode("utf-8")
+                code = self.codes[min(len(self.messages), len(self.codes) - 1)]
+                self.messages.append(text)
+                control_id = text.split("\r", 1)[0].split("|")[9]
+                ack = ("MSH|^~\\&|RIS|HOSPITAL|AIWORKER|AIWORKER|20260101080000||ACK^R01^ACK|"
+                       f"ACK{len(self.messages)}|P|2.5.1\rMSA|{code}|{control_id}|{self.reason}\r")
+                conn.sendall(b"\x0b" + ack.encode("utf-8") + b"\x1c\x0d")
+
+    def stop(self) -> None:
+        self.sock.close()

@@ -109,16 +109,16 @@ def test_ca_is_delivered(listen):
 def test_an_error_is_retried_with_the_reason(listen, code):
     listener = listen(lambda _: ack(code, "database busy"))
     delivery = send_mllp("127.0.0.1", listener.port, MESSAGE, timeout_s=5)
-    assert (delivery.outcome, delivery.ack_code, delivery.reason) == (RETRY, code,
-                                                                       "database busy")
+    assert (delivery.outcome, delivery.ack_code, delivery.reason) == (
+        RETRY, code, f"{code} from the receiver: database busy")
 
 
 @pytest.mark.parametrize("code", ["AR", "CR"])
 def test_a_rejection_is_dead_with_the_reason(listen, code):
     listener = listen(lambda _: ack(code, "unknown patient"))
     delivery = send_mllp("127.0.0.1", listener.port, MESSAGE, timeout_s=5)
-    assert (delivery.outcome, delivery.ack_code, delivery.reason) == (DEAD, code,
-                                                                       "unknown patient")
+    assert (delivery.outcome, delivery.ack_code, delivery.reason) == (
+        DEAD, code, f"{code} from the receiver: unknown patient")
 
 
 def test_a_rejection_without_msa3_takes_the_reason_from_err(listen):
@@ -126,13 +126,14 @@ def test_a_rejection_without_msa3_takes_the_reason_from_err(listen):
             "MSA|AR|CTRL1\rERR||PID^1^3|101^Required field missing^HL70357|E\r")
     listener = listen(lambda _: frame(text))
     delivery = send_mllp("127.0.0.1", listener.port, MESSAGE, timeout_s=5)
-    assert (delivery.outcome, delivery.reason) == (DEAD, "Required field missing")
+    assert (delivery.outcome, delivery.reason) == (
+        DEAD, "AR from the receiver: Required field missing")
 
 
 def test_a_long_message_and_an_ack_in_pieces_are_read_whole(listen):
     listener = listen(lambda _: ack("AR", "duplicate order"), piece=7)
     delivery = send_mllp("127.0.0.1", listener.port, MESSAGE * 200, timeout_s=5)
-    assert (delivery.outcome, delivery.reason) == (DEAD, "duplicate order")
+    assert (delivery.outcome, delivery.reason) == (DEAD, "AR from the receiver: duplicate order")
     assert listener.received[0][1:-2].decode() == MESSAGE * 200
 
 

@@ -444,7 +444,7 @@ def test_hl7_rows_go_over_mllp(db, tmp_path):
     assert (report["ris"].sent, report["ris"].dead) == (2, 1)
     assert report["down"].retry == 3
     assert [(r.state, r.last_error) for r in disp.outbox.rows(destination="ris")] == [
-        ("sent", None), ("dead", "unknown order"), ("sent", None)]
-    assert received == [path.read_text(encoding="utf-8") for path in messages]
+        ("sent", None), ("dead", "AR from the receiver: unknown order"), ("sent", None)]
+    assert received == [path.read_bytes().decode("utf-8") for path in messages]  # \r kept
     down = disp.outbox.rows(destination="down")
     assert all(r.state == "pending" and "cannot reach" in r.last_error for r in down)

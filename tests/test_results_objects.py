@@ -6,8 +6,6 @@ HL7 header settings when asked."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -18,14 +16,11 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from results_support import MANIFEST, MODEL_ID, truth_run
+from results_support import MANIFEST, MODEL_ID, sr_volumes, truth_run
 from support import dciodvfy_errors
 
 from aiworker.results.hl7 import volume_code
 from aiworker.results.objects import write_results
-
-VOLUME = "118565006"
-TRACKING_IDENTIFIER = "112039"
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +35,6 @@ def written(tmp_path_factory: pytest.TempPathFactory):
                           hl7_settings={"sending_facility": "KNEECLINIC"},
                           secondary_capture=True)
     return files, again, run.voxel_ml, run.findings, run
-
-
-def sr_volumes(path: Path) -> dict[str, float]:
-    """Tracking identifier -> Volume (ml) of every measurement group of an SR."""
-    volumes = {}
-
-    def walk(items, group: dict) -> None:
-        for item in items:
-            concept = item.ConceptNameCodeSequence[0].CodeValue
-            if concept == TRACKING_IDENTIFIER:
-                group["name"] = item.TextValue
-            if concept == VOLUME:
-                measured = item.MeasuredValueSequence[0]
-                assert measured.MeasurementUnitsCodeSequence[0].CodeValue == "ml"
-                group["ml"] = float(measured.NumericValue)
-            if "ContentSequence" in item:
-                inner: dict = {}
-                walk(item.ContentSequence, inner)
-                if {"name", "ml"} <= inner.keys():
-                    volumes[inner["name"]] = inner["ml"]
-                group.update({k: v for k, v in inner.items() if k not in group})
-
-    walk(pydicom.dcmread(path).ContentSequence, {})
-    return volumes
 
 
 def test_every_object_is_written_and_no_partial_file_is_left(written) -> None:

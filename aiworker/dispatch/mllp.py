@@ -69,7 +69,9 @@ def send_mllp(host: str, port: int, message: str, timeout_s: float) -> Delivery:
     except ValueError as error:
         return Delivery(RETRY, reason=f"unreadable acknowledgment: {error}")
     outcome = OUTCOMES[code]
-    return Delivery(outcome, code, "" if outcome == DELIVERED else text or f"MSA-1 {code}")
+    if outcome == DELIVERED:
+        return Delivery(outcome, code)
+    return Delivery(outcome, code, f"{code} from the receiver" + (f": {text}" if text else ""))
 
 
 def _why(error: OSError) -> str:

@@ -141,7 +141,7 @@ def send_hl7(destination: Any, paths: Sequence[str], timeout_s: float = 30.0) ->
     outcomes: list[Outcome] = []
     for path in paths:
         try:
-            message = Path(path).read_text(encoding="utf-8")
+            message = Path(path).read_bytes().decode("utf-8")  # keeps the \r separators
         except OSError as error:
             outcomes.append(Outcome(DEAD, f"message file unreadable: {error.__class__.__name__}"))
             continue
