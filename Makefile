@@ -6,12 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench clean system-deps
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+# scripts/install.sh is the one install, the image's too (Dockerfile): it makes the venv and
+# pip-installs the package into it (editable, with the test extras, here).
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PY) sh scripts/install.sh --venv $(VENV) --editable --extras test
 	touch $(STAMP)
 
 run: $(STAMP)
