@@ -454,11 +454,14 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 class MllpListener:
     """An HL7 receiver on a free loopback port: reads MLLP-framed messages (several per
-    connection), keeps each one's text in ``messages`` and answers it with an ACK whose
-    MSA-1 is the next of ``codes`` (the last one repeats) and MSA-3 ``reason``."""
+    connection, each connection on its own thread), keeps each one's text in ``messages``
+    and answers it with an ACK whose MSA-1 is the next of ``codes`` (the last one repeats)
+    and MSA-3 ``reason``, after waiting the next of ``delays_s`` seconds (none when they
+    run out)."""
 
-    def __init__(self, codes: tuple[str, ...] = ("AA",), reason: str = ""):
-        self.codes, self.reason = list(codes), reason
+    def __init__(self, codes: tuple[str, ...] = ("AA",), reason: str = "",
+                 delays_s: tuple[float, ...] = ()):
+        self.codes, self.reason, self.delays_s = list(codes), reason, list(delays_s)
         self.messages: list[str] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -470,11 +473,14 @@ class MllpListener:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            with conn:
-                conn.settimeout(10)
-                self._answer(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            self._read_and_answer(conn)
+
+    def _read_and_answer(self, conn: socket.socket) -> None:
         buffer = b""
         while True:
             try:
@@ -487,12 +493,17 @@ class MllpListener:
             while b"\x1c\x0d" in buffer:
                 frame, buffer = buffer.split(b"\x1c\x0d", 1)
                 text = frame.lstrip(b"\x0b").decode("utf-8")
-                code = self.codes[min(len(self.messages), len(self.codes) - 1)]
+                n = len(self.messages)
+                code = self.codes[min(n, len(self.codes) - 1)]
                 self.messages.append(text)
+                time.sleep(self.delays_s[n] if n < len(self.delays_s) else 0)
                 control_id = text.split("\r", 1)[0].split("|")[9]
                 ack = ("MSH|^~\\&|RIS|HOSPITAL|AIWORKER|AIWORKER|20260101080000||ACK^R01^ACK|"
                        f"ACK{len(self.messages)}|P|2.5.1\rMSA|{code}|{control_id}|{self.reason}\r")
-                conn.sendall(b"\x0b" + ack.encode("utf-8") + b"\x1c\x0d")
+                try:
+                    conn.sendall(b"\x0b" + ack.encode("utf-8") + b"\x1c\x0d")
+                except OSError:  # the sender is gone
+                    return
 
     def stop(self) -> None:
         self.sock.close()

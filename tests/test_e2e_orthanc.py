@@ -293,3 +293,44 @@ def _walk(items: Any) -> Any:
         yield item
         if "ContentSequence" in item:
             yield from _walk(item.ContentSequence)
+
+
+def test_a_kill_9_while_sending_loses_nothing(node_factory, orthanc_factory, tmp_path) -> None:
+    """The node is killed (SIGKILL) while the ORU^R01 waits for its ACK and the SEG and SR
+    wait for a PACS that is down. Restarted, it sends each object again, none is lost,
+    nothing is run or queued twice, and what the RIS and PACS get twice is the same
+    message (same control id) and the same SOP instances."""
+    ris = MllpListener(("AA",), delays_s=(60.0,))
+    orthanc = orthanc_factory({})
+    orthanc.stop()
+    node = node_factory(**node_settings(orthanc.dicom_port, ris=ris.port))
+    study = knee_study(tmp_path / "knee", seed=63)
+    try:
+        sent = dcmtk("storescu", "+sd", "+r", "-aec", "AIWORKER", "127.0.0.1", str(node.port),
+                     study.dicom_dir)
+        assert sent.returncode == 0, sent.stdout
+        wait_until(lambda: node.sql("SELECT 1 FROM outbox WHERE destination = 'ris' AND"
+                                    " state = 'sending'"), RESULT_WAIT_S,
+                   "the ORU^R01 being sent")
+        node.kill9()
+        rows = node.sql("SELECT destination, state FROM outbox ORDER BY destination")
+        assert [r["destination"] for r in rows] == ["pacs", "pacs", "ris"]
+        assert rows[2]["state"] == "sending"
+        assert {r["state"] for r in rows[:2]} <= {"pending", "sending"}
+        orthanc.start()
+        node.start()
+        wait_until(lambda: len(node.sql("SELECT 1 FROM outbox WHERE state = 'sent'")) == 3,
+                   60, "every row sent after the restart")
+        results = orthanc_results(orthanc, study.study_uid)
+    finally:
+        ris.stop()
+    assert set(results) == {"SEG", "SR"}
+    [job] = node.sql("SELECT state, attempts, result_dir FROM jobs")
+    assert (job["state"], job["attempts"]) == ("done", 1)
+    assert len(node.sql("SELECT 1 FROM outbox")) == 3
+    assert len(ris.messages) == 2 and ris.messages[0] == ris.messages[1]
+    assert ris.messages[0] == (Path(job["result_dir"]) / "oru.hl7").read_bytes().decode()
+    folder = Path(job["result_dir"])
+    assert {results["SEG"].SOPInstanceUID, results["SR"].SOPInstanceUID} == {
+        pydicom.dcmread(folder / name).SOPInstanceUID for name in ("seg.dcm", "sr.dcm")}
+    assert "rows were being sent when the node stopped; pending again" in node.log_text()
