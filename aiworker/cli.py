@@ -12,9 +12,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -83,6 +81,10 @@ def _print_banner(cfg: Config) -> None:
         f"  then:          aiworker status",
         highlight=False,
     )
+    if cfg.web.enabled:
+        web = "127.0.0.1" if cfg.web.host in ("0.0.0.0", "::") else cfg.web.host
+        console.print(f"  dashboard:     http://{web}:{cfg.web.port}/  (API /docs, /metrics, "
+                      "/readyz)", highlight=False, soft_wrap=True)
     sys.stdout.flush()
 
 
@@ -133,19 +135,15 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
            problems: Annotated[int, typer.Option(help="How many recent problems to list.")] = 10,
            ) -> None:
     """List received studies (series, instance counts, state) and recent problems."""
-    from aiworker.store.db import PROBLEM_EVENTS, StateDB
+    from aiworker.store.db import StateDB
     from aiworker.store.layout import DataPaths
+    from aiworker.store.status import status_report
 
     cfg = _config(config)
     db_path = DataPaths(cfg.storage.data_dir).db
     db = StateDB(db_path) if db_path.exists() else None
-    studies = db.studies() if db else []
-    recent = db.events(PROBLEM_EVENTS, limit=problems) if db else []
-    selections = db.selections() if db else []
-    jobs = db.jobs() if db else []
-    outbox = _outbox_rows(db) if db else []
-    report = {"studies": [_study_json(s, selections, jobs, outbox) for s in studies],
-              "problems": [_problem_json(e) for e in recent]}
+    report = status_report(db, problems) if db else {"studies": [], "problems": []}
+    studies = report["studies"]
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -161,42 +159,6 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
             table.add_row(p["at"], p["kind"], p["calling_ae"] or "", p["status"] or "",
                           p["reason"] or "")
         console.print(table)
-
-
-def _outbox_rows(db: Any) -> list[Any]:
-    """Every outbox row of the state DB, oldest first."""
-    from aiworker.store.outbox import Outbox
-
-    return Outbox(db).rows()
-
-
-def _outbox_json(row: Any) -> dict[str, Any]:
-    """The stable ``status --json`` shape of one outbox row (documented in the README)."""
-    return {"id": row.id, "job_id": row.job_id, "destination": row.destination,
-            "kind": row.kind, "object_kind": row.object_kind,
-            "sop_instance_uid": row.sop_instance_uid, "state": row.state,
-            "attempts": row.attempts, "last_error": row.last_error,
-            "next_attempt_at": _when(row.next_attempt_at), "sent_at": _when(row.sent_at)}
-
-
-def _problem_json(event: dict[str, Any]) -> dict[str, Any]:
-    """The stable ``status --json`` shape of one problem event (documented in the README)."""
-    detail = event["detail"]
-    return {
-        "at": _when(event["at"]),
-        "kind": event["kind"],
-        "calling_ae": detail.get("calling_ae"),
-        "status": detail.get("status"),
-        "reason": detail.get("reason"),
-        "study_uid": event["study_uid"],
-        "series_uid": event["series_uid"],
-        "sop_uid": event["sop_uid"],
-        "detail": detail,
-    }
-
-
-def _when(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 def _print_study_status(study: dict[str, Any]) -> None:
@@ -277,84 +239,6 @@ def _decision_line(decision: dict[str, Any], study: dict[str, Any]) -> str:
     return f"{jobs} ({chosen})"
 
 
-def _study_json(study: dict[str, Any], selections: list[dict[str, Any]],
-                jobs: list[dict[str, Any]], outbox: list[Any]) -> dict[str, Any]:
-    """The stable ``status --json`` shape of one study (documented in the README)."""
-    decisions = {d["pipeline"]: d for d in selections if d["study_uid"] == study["study_uid"]}
-    verdicts, features = _series_explanations(decisions.values())
-    return {
-        "study_uid": study["study_uid"],
-        "state": study["state"],
-        "calling_ae": study["calling_ae"],
-        "first_received": _when(study["first_received"]),
-        "last_received": _when(study["last_received"]),
-        "completed_at": _when(study["completed_at"]),
-        "instances": sum(s["instance_count"] for s in study["series"]),
-        "series": [
-            {
-                "series_uid": s["series_uid"],
-                "series_number": s["series_number"],
-                "modality": s["modality"],
-                "description": s["series_description"],
-                "sop_class_uid": s["sop_class_uid"],
-                "instances": s["instance_count"],
-                "frames": s["frame_count"],
-                "bytes": s["bytes"],
-                "expected_frames": s["expected_frames"],
-                "state": s["state"],
-                "closed_by": s["closed_by"],
-                "first_received": _when(s["first_received"]),
-                "last_received": _when(s["last_received"]),
-                "completed_at": _when(s["completed_at"]),
-                "features": features.get(s["series_uid"]),
-                "selection": verdicts.get(s["series_uid"], {}),
-            }
-            for s in study["series"]
-        ],
-        "selection": {
-            pipeline: _selection_json(decision, [j for j in jobs if j["pipeline"] == pipeline
-                                                 and j["study_uid"] == study["study_uid"]])
-            for pipeline, decision in sorted(decisions.items())
-        },
-        "outbox": [_outbox_json(r) for r in outbox if r.study_uid == study["study_uid"]],
-    }
-
-
-def _series_explanations(decisions: Iterable[dict[str, Any]]
-                         ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Series UID -> its verdicts (``pipeline/role`` -> matched, reason), and -> its
-    features, from the stored decisions of a study."""
-    verdicts: dict[str, dict] = {}
-    features: dict[str, dict] = {}
-    for decision in decisions:
-        for series in decision["explanation"].get("series", []):
-            verdicts.setdefault(series["series_uid"], {}).update(series["verdicts"])
-            features[series["series_uid"]] = series["features"]
-    return verdicts, features
-
-
-def _selection_json(decision: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The stable ``status --json`` shape of one pipeline's decision on a study."""
-    explanation = decision["explanation"]
-    return {
-        "decided_at": _when(decision["decided_at"]),
-        "matched": decision["matched"],
-        "chosen": explanation.get("chosen", {}),
-        "reason": explanation.get("reason"),
-        "rules": explanation.get("rules"),
-        "jobs": [
-            {"job_id": j["job_id"], "job_key": j["job_key"], "state": j["state"],
-             "model": j["model"], "series_uid": j["series_uid"], "inputs": j["inputs"],
-             "created_at": _when(j["created_at"]), "updated_at": _when(j["updated_at"]),
-             "started_at": _when(j["started_at"]), "finished_at": _when(j["finished_at"]),
-             "attempts": j["attempts"], "device": j["device"], "timings": j["timings"],
-             "findings": j["findings"], "error_kind": j["error_kind"], "error": j["error"],
-             "result_dir": j["result_dir"]}
-            for j in jobs
-        ],
-    }
-
-
 JobArgument = Annotated[str, typer.Argument(
     help="The job id, or its first characters as `aiworker status` shows them.")]
 
@@ -427,17 +311,14 @@ def _node_db(config: Path, command: str, why_empty: str) -> StateDB:
 def _requeue_outbox(config: Path, job: str | None, study: str | None) -> int:
     """Queue outbox rows again: the dead rows of the job ``job``, every sent or dead row
     of ``study``, or, when neither is given, every dead row. Returns how many."""
-    from aiworker.store.outbox import DEAD, Outbox
+    from aiworker.store.outbox import Outbox
 
     db = _node_db(config, "resend", "nothing sent yet")
     try:
         outbox = Outbox(db)
         if study is not None:
             return outbox.resend_study(study)
-        if job is None:
-            return outbox.resend_dead()
-        rows = [r for r in outbox.rows(states=[DEAD]) if r.job_id == job]
-        return outbox.resend_dead([r.id for r in rows]) if rows else 0
+        return outbox.resend_dead() if job is None else outbox.resend_job(job)
     finally:
         db.close()
 

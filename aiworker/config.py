@@ -155,8 +155,19 @@ class Dispatch(_Section):
 
 
 class Web(_Section):
+    """The dashboard, REST API, health and metrics endpoints (HTTP, served by the node).
+
+    ``token``: the bearer token that resend and retry (the API's POSTs and the dashboard's
+    buttons) must carry; None refuses them all (403). ``show_phi``: patient name, ID,
+    accession number and study date on the pages and in the API; off, studies are shown by
+    UID, description and sender only."""
+
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8080
+    token: str | None = Field(None, min_length=16, description="None = no resend/retry "
+                                                               "over HTTP")
+    show_phi: bool = False
 
 
 class Inference(_Section):

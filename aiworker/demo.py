@@ -161,6 +161,7 @@ def node_config(workdir: Path, port: int, pacs_port: int, ris_port: int) -> Path
                        "outputs": ["seg", "sr", "report", "hl7"],
                        "send_to": ["pacs", "ris"]}],
         "dispatch": {"interval_s": 0.2, "retry_base_s": 1, "timeout_s": 10},
+        "web": {"host": "127.0.0.1", "port": free_port()},  # beside a node on 8080
     }
     path = workdir / "aiworker.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -1,5 +1,7 @@
 """The running node: opens the store, reconciles it, starts the completion scheduler, the
-select stage, the infer stage, the outbox stage and the SCP.
+select stage, the infer stage, the outbox stage, the SCP and the web server (dashboard, API,
+health, metrics: :mod:`aiworker.web`; a web port in use stops ``aiworker serve`` with exit
+code 1).
 
 At start every pipeline's model is resolved in the model registry (bundled models plus
 ``inference.models_dir``); an unknown model or an invalid manifest stops ``aiworker serve``
@@ -32,6 +34,7 @@ from aiworker.store.db import StateDB
 from aiworker.store.layout import DataPaths
 from aiworker.store.reconcile import reconcile
 from aiworker.store.spool import Spool
+from aiworker.web.server import WebError, node_web_server
 
 log = logging.getLogger("aiworker.node")
 
@@ -62,6 +65,7 @@ class Node:
             self.receiver = ReceiverProcesses(config)
         else:
             self.receiver = Receiver(config, self.spool, self.db)
+        self.web = node_web_server(config, self.paths.db, self.receiver, self.inferrer)
 
     def start(self) -> None:
         report = reconcile(self.spool, self.db, self.paths.quarantine)
@@ -75,8 +79,12 @@ class Node:
         self.inferrer.start()
         self.outbox.start()
         self.receiver.start()
+        if self.web is not None:
+            self.web.start()
 
     def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
         self.receiver.stop()
         self.scheduler.stop()
         self.selector.stop()
@@ -106,6 +114,10 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
         raise SystemExit(1) from exc
     try:
         node.start()
+    except WebError as exc:
+        log.error("%s", exc)
+        node.stop()
+        raise SystemExit(1) from exc
     except (OSError, RuntimeError) as exc:
         log.error("cannot start receiving on %s:%d: %s", config.node.host, config.node.port, exc)
         node.stop()

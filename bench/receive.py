@@ -312,7 +312,7 @@ def start_node(tools: Tools, fsync: bool, processes: int = 1,
             f"storage: {{data_dir: {json.dumps(str(data))}, min_free_mb: 1, "
             f"fsync: {str(fsync).lower()}}}\n"
             "completion: {series_stable_seconds: 5}\n"
-            "logging: {level: WARNING}\n" + extra_config
+            "logging: {level: WARNING}\nweb: {enabled: false}\n" + extra_config
         )
         log = run_dir / "node.log"
         proc = PROCS.start([*tools.aiworker, "serve", "--config", str(config)],

@@ -43,6 +43,11 @@ class ReceiverProcesses:
         self._workers = [self._spawn(i) for i in range(self.config.node.receive_processes)]
         self._watcher.start()
 
+    def listening(self) -> bool:
+        """Every receiving process is alive (the readiness check); one that died is being
+        restarted."""
+        return bool(self._workers) and all(worker.is_alive() for worker in self._workers)
+
     def stop(self) -> None:
         self._stopping.set()
         for worker in self._workers:

@@ -146,6 +146,7 @@ class Receiver:
         self._writer = ThreadPoolExecutor(max_workers=config.node.max_associations,
                                           thread_name_prefix="spool-writer")
         self._stats: WeakKeyDictionary[Any, Counter] = WeakKeyDictionary()
+        self._accepting: threading.Thread | None = None
         self._stats_lock = threading.Lock()
 
     def build_ae(self) -> AE:
@@ -188,11 +189,17 @@ class Receiver:
             server_class=_SharedPortServer if self.shared_port else _Server,
         )
         ae._servers.append(self.server)  # as AE.start_server does; server.shutdown() expects it
-        threading.Thread(target=self.server.serve_forever, name="dicom-accept",
-                         daemon=True).start()
+        self._accepting = threading.Thread(target=self.server.serve_forever,
+                                           name="dicom-accept", daemon=True)
+        self._accepting.start()
         scheme = "DICOM TLS" if node.tls.enabled else "DICOM"
         log.info("listening: %s AE %s on %s:%d", scheme, node.ae_title, node.host, node.port)
         return self.server
+
+    def listening(self) -> bool:
+        """The port is open and its accept loop runs (the readiness check)."""
+        return (self.server is not None and self.server.socket.fileno() != -1
+                and self._accepting is not None and self._accepting.is_alive())
 
     def stop(self) -> None:
         if self.server is not None:

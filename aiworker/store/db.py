@@ -384,9 +384,13 @@ class StateDB:
                        reason=explanation.get("reason"), superseded=superseded)
         return SelectionRecord(job_id, created, superseded)
 
-    def selections(self) -> list[dict[str, Any]]:
-        """Every stored decision, its explanation parsed."""
-        rows = self._query("SELECT * FROM selections ORDER BY study_uid, pipeline")
+    def selections(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Every stored decision (only one study's when ``study_uid`` is given), its
+        explanation parsed."""
+        sql, params = "SELECT * FROM selections", ()
+        if study_uid is not None:
+            sql, params = sql + " WHERE study_uid = ?", (study_uid,)
+        rows = self._query(sql + " ORDER BY study_uid, pipeline", params)
         return [dict(r, matched=bool(r["matched"]), explanation=json.loads(r["explanation"]))
                 for r in rows]
 
@@ -521,13 +525,28 @@ class StateDB:
             for series_uid in touched:
                 _recount(cur, series_uid)
 
+    # --- health ------------------------------------------------------------------------
+
+    def probe_write(self) -> None:
+        """Write and commit one row, to prove the DB takes writes (the readiness check);
+        raises :class:`sqlite3.Error` when it cannot. The table ``health`` keeps that one
+        row: when the last check ran."""
+        with self._transaction() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY,"
+                        " checked_at REAL NOT NULL)")
+            cur.execute("INSERT INTO health (id, checked_at) VALUES (1, ?) ON CONFLICT (id)"
+                        " DO UPDATE SET checked_at = excluded.checked_at", (time.time(),))
+
     # --- reading -----------------------------------------------------------------------
 
-    def studies(self) -> list[dict[str, Any]]:
-        """Every study, newest first, each with its series (in series-number order)."""
-        rows = self._query("SELECT * FROM studies ORDER BY first_received DESC")
+    def studies(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Every study (or only ``study_uid``), newest first, each with its series (in
+        series-number order)."""
+        where, params = ("", ()) if study_uid is None else (" WHERE study_uid = ?", (study_uid,))
+        rows = self._query(f"SELECT * FROM studies{where} ORDER BY first_received DESC", params)
         studies = [dict(r) for r in rows]
-        series = self._query("SELECT * FROM series ORDER BY series_number, first_received")
+        series = self._query(f"SELECT * FROM series{where} ORDER BY series_number,"
+                             " first_received", params)
         by_study: dict[str, list[dict[str, Any]]] = {}
         for row in series:
             by_study.setdefault(row["study_uid"], []).append(dict(row))

@@ -215,6 +215,21 @@ class Outbox:
             params += ids
         return self._requeue(sql, params, now)
 
+    def resend_job(self, job_id: str, now: float | None = None) -> int:
+        """Queue the dead rows of one job again; returns how many."""
+        now = time.time() if now is None else now
+        return self._requeue("job_id = ? AND state = ?", [job_id, DEAD], now)
+
+    def resend(self, ids: Iterable[int], now: float | None = None) -> int:
+        """Queue the rows ``ids`` again when they are sent or dead (a row still pending or
+        sending is on its way already); returns how many."""
+        now = time.time() if now is None else now
+        ids = list(ids)
+        if not ids:
+            return 0
+        return self._requeue(f"id IN ({', '.join('?' * len(ids))}) AND state IN (?, ?)",
+                             [*ids, SENT, DEAD], now)
+
     def resend_study(self, study_uid: str, now: float | None = None) -> int:
         """Queue every sent or dead row of a study again; returns how many."""
         now = time.time() if now is None else now

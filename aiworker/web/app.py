@@ -1,0 +1,74 @@
+"""The FastAPI application: pages, API, health and metrics over one state DB.
+
+``create_app(db, config, probes)`` is all a caller needs: the node passes the path of its
+state DB (the app opens a connection of its own, so a slow page never holds up the
+receivers' writes) and its readiness checks; tests may pass a :class:`StateDB`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.responses import Response
+
+import aiworker
+from aiworker.config import Config
+from aiworker.store.db import StateDB
+from aiworker.web import api, health, pages
+from aiworker.web.health import Probe, database_probe, disk_probe
+from aiworker.web.metrics import node_registry
+from aiworker.web.views import Views
+
+
+@dataclass
+class WebContext:
+    """What every route reads (``request.app.state.web``)."""
+
+    config: Config
+    db: StateDB
+    views: Views
+    probes: dict[str, Probe]
+    templates: Jinja2Templates
+    registry: CollectorRegistry
+
+
+def create_app(db: StateDB | Path | str, config: Config,
+               probes: Mapping[str, Probe] | None = None) -> FastAPI:
+    """The application over the state DB ``db`` (a path: opened here and closed at
+    shutdown). ``probes`` are readiness checks beside the built-in ``database`` and
+    ``disk`` ones (the node adds ``models`` and ``scp``)."""
+    owned = not isinstance(db, StateDB)
+    state_db = StateDB(Path(db)) if owned else db
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            state_db.close()
+
+    app = FastAPI(title="aiworker", version=aiworker.__version__, lifespan=lifespan,
+                  description="DICOM AI node for knee MRI: studies, jobs, outbox, resend "
+                              "and retry (POST, bearer token = web.token), health, metrics.")
+    app.state.web = WebContext(
+        config=config, db=state_db, views=Views(state_db, config),
+        probes={"database": database_probe(state_db), "disk": disk_probe(config),
+                **(probes or {})},
+        templates=pages.templates(), registry=node_registry(state_db, config.node.port))
+    app.include_router(pages.router)
+    app.include_router(api.router)
+    app.include_router(health.router)
+    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"],
+                      summary="Prometheus metrics", response_class=Response)
+    return app
+
+
+def metrics(request: Request) -> Response:
+    """The node's metrics in Prometheus text format (see :mod:`aiworker.web.metrics`)."""
+    return Response(generate_latest(request.app.state.web.registry),
+                    media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,96 @@
+"""Serving the web application from a thread of the node (uvicorn).
+
+The port is bound here first, so a port in use is a clear :class:`WebError` at start (the
+node exits 1) instead of a log line from inside uvicorn; uvicorn then serves on that
+socket until :meth:`WebServer.stop` sets its ``should_exit``. Uvicorn's access log is off
+(the node's log stays PHI-free and quiet); its errors go to the node's log.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from aiworker.config import Config
+from aiworker.web.health import models_probe, scp_probe
+
+log = logging.getLogger("aiworker.web")
+
+START_TIMEOUT_S = 15.0
+
+
+class WebError(Exception):
+    """The web server cannot start (its port is taken, its address is not ours)."""
+
+
+class WebServer:
+    """One uvicorn server for ``app`` on ``host:port``, run in a daemon thread."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        self.host = host
+        self.port = port
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, log_config=None, log_level="warning", access_log=False, lifespan="on",
+            timeout_graceful_shutdown=5))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> None:
+        """Bind the port and serve; returns once requests are answered. Raises
+        :class:`WebError` when the port cannot be bound or the server does not start."""
+        sock = self._bind()
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                        name="web", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise WebError(f"the web server on {self.host}:{self.port} did not start "
+                               "(see the log above)")
+            time.sleep(0.02)
+        log.info("dashboard, API and metrics on %s", self.url)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise WebError(f"cannot listen for HTTP on {self.host}:{self.port} (web.host, "
+                           f"web.port): {exc.strerror}; is another node or program using "
+                           "the port? Choose another web.port, or web.enabled: false") from exc
+        sock.listen(128)
+        sock.set_inheritable(True)
+        return sock
+
+
+def node_web_server(config: Config, db_path: Path, receiver: Any, inferrer: Any
+                    ) -> WebServer | None:
+    """The node's web server (None with ``web.enabled: false``): the app over its state DB
+    with the node's readiness checks, ``scp`` and ``models``, beside the built-in ones."""
+    if not config.web.enabled:
+        return None
+    from aiworker.web.app import create_app
+
+    app = create_app(db_path, config, {"models": models_probe(inferrer),
+                                       "scp": scp_probe(receiver, config.node.port)})
+    return WebServer(app, config.web.host, config.web.port)
