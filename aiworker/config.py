@@ -179,7 +179,8 @@ class Inference(_Section):
                                                       "bundled ones")
     time_limit_s: float | None = Field(None, gt=0, description="None = each model's own "
                                                                "inference.time_limit_s")
-    threads: int | None = Field(None, ge=1, description="torch threads; None = CPUs - 1")
+    threads: int | None = Field(None, ge=1, description="torch threads; None = every CPU "
+                                                  "(niceness keeps receiving first)")
     nice: int = Field(10, ge=0, le=19, description="niceness of the inference process")
 
     @field_validator("device")

@@ -39,7 +39,7 @@ needs_knee_demo = pytest.mark.skipif(
     reason=f"the bundled model knee-demo is not trained yet ({KNEE_DEMO} is missing): "
            "python -m aiworker.models.knee_demo.train")
 STEPS = {"load", "preprocess", "model", "postprocess", "resample", "write", "seg", "sr",
-         "report", "hl7", "total"}  # the node's jobs also write their result objects
+         "report", "hl7", "preview", "total"}  # the node's jobs also write their result objects
 HELD_OUT_SEED = 900_007  # knee-demo never saw it (aiworker.models.knee_demo.data)
 
 

@@ -25,7 +25,7 @@ from aiworker.infer.manifest import load_manifest
 from aiworker.infer.registry import BUNDLED_MODELS, Registry, model_id
 from aiworker.infer.volume import LoadedSeries, load_series
 from aiworker.models.knee_demo.data import HELD_OUT_SEEDS
-from aiworker.models.knee_demo.labels import STRUCTURES
+from aiworker.models.knee_demo.labels import IN_DICOM, NOT_CHECKED, STRUCTURES
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series
@@ -89,6 +89,24 @@ def test_the_manifest_validates_and_lists_the_eleven_structures():
     assert acl.name == "acl" and acl.positive == "torn" and acl.region.label == 10
     assert any(c != 0 for c in acl.region.coefficients)  # fitted, not the placeholder
     assert "not a medical device" in manifest.intended_use.lower()
+
+
+def test_every_code_records_where_it_was_checked_and_dicom_lists_those_it_says():
+    """Each SNOMED CT code of the manifest says where it was checked; one said to be in DICOM
+    PS3.16 is in pydicom's copy of its code tables (the same concept)."""
+    from pydicom.sr._concepts_dict import concepts
+
+    in_dicom = {code for entry in concepts["SCT"].values() for code in entry}
+    labels = load_manifest(FOLDER / "model.yaml").outputs.segmentation.labels
+    codes = [code for label in labels
+             for code in (label.category, label.type, label.anatomic_region) if code]
+    assert all(code.checked for code in codes)
+    checked_in_dicom = {code.value for code in codes if code.checked == IN_DICOM}
+    assert checked_in_dicom == {"91723000", "71341001", "12611008", "64234005", "87342007",
+                                "309312004"}
+    assert checked_in_dicom <= in_dicom
+    assert {code.value for code in codes if code.checked == NOT_CHECKED} == {
+        "49390008", "10013000", "895007", "16219000"}
 
 
 def test_the_weights_are_small():

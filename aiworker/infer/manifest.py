@@ -168,11 +168,13 @@ class Inference(_Section):
 
 
 class Code(_Section):
-    """A coded concept (DICOM code sequence item): code value, scheme designator, meaning."""
+    """A coded concept (DICOM code sequence item): code value, scheme designator, meaning;
+    ``checked`` records where the code and its meaning were checked (not written to DICOM)."""
 
     value: str = Field(min_length=1, max_length=64)
     scheme_designator: str = Field("SCT", min_length=1, max_length=16)
     meaning: str = Field(min_length=1, max_length=64)
+    checked: str | None = None
 
     @model_validator(mode="after")
     def _sct_is_numeric(self) -> Code:

@@ -26,7 +26,7 @@ class SelectionWorker:
     """Runs :meth:`tick` periodically until stopped."""
 
     def __init__(self, db: StateDB, pipelines: list[Pipeline],
-                 settings: FeatureSettings = DEFAULT_SETTINGS, interval: float = 0.5):
+                 settings: FeatureSettings = DEFAULT_SETTINGS, interval: float = 0.1):
         self.db = db
         self.pipelines = pipelines
         self.settings = settings

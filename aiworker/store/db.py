@@ -410,6 +410,10 @@ class StateDB:
                            " ORDER BY received_at, sop_uid", (series_uid, STORED))
         return [row["path"] for row in rows]
 
+    def has_queued_job(self) -> bool:
+        """Whether a job waits (a read, cheaper than :meth:`claim_job`'s write lock)."""
+        return bool(self._query("SELECT 1 FROM jobs WHERE state = ? LIMIT 1", (QUEUED,)))
+
     def claim_job(self) -> dict[str, Any] | None:
         """Take the oldest queued job: it becomes ``running`` with one more attempt in a
         single statement, so two workers never take the same job. None when none waits."""
