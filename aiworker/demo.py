@@ -19,7 +19,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,6 @@ STUDY_ROLES = ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")
 MATRIX = 128
 START_TIMEOUT_S = 60.0
 POLL_S = 0.25
-MLLP_START, MLLP_END = b"\x0b", b"\x1c\x0d"
 
 
 class DemoError(Exception):
@@ -101,49 +99,20 @@ def start_pacs(folder: Path, arrivals: Arrivals) -> tuple[Any, int]:
     return server, port
 
 
-def start_ris(folder: Path, arrivals: Arrivals) -> socket.socket:
-    """An MLLP listener on a free loopback port that saves each message to ``folder`` and
-    answers AA; close the returned socket to stop it."""
+def start_ris(folder: Path, arrivals: Arrivals) -> Any:
+    """An MLLP receiver on a free loopback port that saves each message to ``folder`` and
+    answers AA; its ``port``, and ``close()`` stops it."""
+    from aiworker.dispatch.mllp import MllpReceiver
+
     folder.mkdir(parents=True, exist_ok=True)
-    server = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                _answer_messages(conn, folder, arrivals)
+    def save(message: str) -> tuple[str, str]:
+        path = folder / f"message-{len(arrivals.hl7) + 1}.hl7"
+        path.write_bytes(message.encode("utf-8"))
+        arrivals.hl7.append(path)
+        return "AA", ""
 
-    threading.Thread(target=serve, daemon=True, name="demo-ris").start()
-    return server
-
-
-def _answer_messages(conn: socket.socket, folder: Path, arrivals: Arrivals) -> None:
-    """Read MLLP frames from one connection until it closes; save and acknowledge each."""
-    buffer = b""
-    while True:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return
-        buffer += chunk
-        while MLLP_END in buffer:
-            frame, buffer = buffer.split(MLLP_END, 1)
-            text = frame.lstrip(MLLP_START).decode("utf-8")
-            path = folder / f"message-{len(arrivals.hl7) + 1}.hl7"
-            path.write_text(text, encoding="utf-8")
-            arrivals.hl7.append(path)
-            conn.sendall(MLLP_START + _ack(text).encode("utf-8") + MLLP_END)
-
-
-def _ack(message: str) -> str:
-    """An HL7 ACK with MSA AA for ``message`` (its control id echoed)."""
-    fields = message.split("\r", 1)[0].split("|")
-    control_id = fields[9] if len(fields) > 9 else ""
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    return (f"MSH|^~\\&|DEMORIS|DEMO|AIWORKER|AIWORKER|{stamp}||ACK|ACK{control_id}|P|2.5.1"
-            f"\rMSA|AA|{control_id}\r")
+    return MllpReceiver(save)
 
 
 def node_config(workdir: Path, port: int, pacs_port: int, ris_port: int) -> Path:
@@ -317,13 +286,13 @@ def run_demo(workdir: Path | None, timeout: float, keep: bool, console: Console)
     pacs, pacs_port = start_pacs(workdir / "pacs", arrivals)
     ris = start_ris(workdir / "ris", arrivals)
     port = free_port()
-    config = node_config(workdir, port, pacs_port, ris.getsockname()[1])
+    config = node_config(workdir, port, pacs_port, ris.port)
     node = None
     try:
         node = start_node(workdir, config, port)
         console.print(f"node AE {AE_TITLE} on 127.0.0.1:{port} (log: {workdir / 'node.log'}); "
                       f"PACS stand-in on port {pacs_port}, RIS stand-in on port "
-                      f"{ris.getsockname()[1]}", highlight=False, soft_wrap=True)
+                      f"{ris.port}", highlight=False, soft_wrap=True)
         push(study, "127.0.0.1", port, AE_TITLE)
         console.print("study sent; waiting for the results ...")
         db_path = DataPaths(workdir / "var").db

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """End to end: from the last image of a study arriving at the node to its results delivered.
 
-A running node (``aiworker serve``, its model loaded by an untimed warm-up study) sends
-its results to a real Orthanc (the PACS) and to an MLLP listener in this process that
-answers AA (the RIS). Each timed run sends a new phantom knee study (three series of
-``--slices`` slices, ``--matrix`` square: sagittal PD FS, coronal PD FS, axial T2 FS) to the
-node with dcmtk's ``storescu``, then waits until Orthanc holds the study's SEG and SR and
-the RIS has acknowledged the ORU^R01. The seconds between are split by stage, from the
-node's state DB and the job's own timings:
+A running node (``aiworker serve``, its model loaded by an untimed warm-up study) sends its
+results to a real Orthanc (the PACS) and to an MLLP listener in this process that answers AA
+(the RIS, :class:`aiworker.dispatch.mllp.MllpReceiver`). Each timed run sends a new phantom
+knee study (three series of ``--slices`` slices, ``--matrix`` square: sagittal PD FS,
+coronal PD FS, axial T2 FS) to the node with dcmtk's ``storescu``, then waits until Orthanc
+holds the study's SEG and SR and the RIS has acknowledged the ORU^R01. The seconds between
+are split by stage, from the node's state DB and the job's own timings:
 
 * stability wait: last image -> study complete (``completion.series_stable_seconds`` of
   quiet, a setting: reported but left out of the total);
@@ -32,13 +32,11 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -47,40 +45,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import receive as rx  # noqa: E402  (the receive benchmark's process and tool helpers)
 
+from aiworker.dispatch.mllp import MllpReceiver  # noqa: E402  (the stand-in RIS: answers AA)
+
 ROOT = rx.ROOT
 ROLES = ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")
 STAGES = ("select", "queue", "load", "infer", "labels", "seg", "sr", "report", "preview",
           "other", "send")
 INFER_STEPS = ("preprocess", "model", "postprocess", "resample")
 RESULT_TIMEOUT_S = 600.0
-
-
-class Ris:
-    """An MLLP listener answering every message with AA; keeps when each ACK went out."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.acks: list[tuple[str, float]] = []  # (message control id, epoch of the ACK)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while not data.endswith(b"\x1c\x0d"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                control = data[1:-2].decode("utf-8").split("\r", 1)[0].split("|")[9]
-                ack = f"MSH|^~\\&|RIS|H|AIWORKER|A|20260101||ACK|A|P|2.5.1\rMSA|AA|{control}\r"
-                conn.sendall(b"\x0b" + ack.encode() + b"\x1c\x0d")
-                self.acks.append((control, time.time()))
 
 
 @dataclass
@@ -120,7 +92,7 @@ def start_orthanc(tools: rx.Tools, folder: Path) -> Orthanc:
     return Orthanc(proc, dicom_port, http_port)
 
 
-def start_node(tools: rx.Tools, folder: Path, orthanc: Orthanc, ris: Ris,
+def start_node(tools: rx.Tools, folder: Path, orthanc: Orthanc, ris: MllpReceiver,
                args: argparse.Namespace) -> tuple[int, Path]:
     """``aiworker serve`` sending the knee pipeline's results to Orthanc and the RIS;
     returns its port and state DB."""
@@ -290,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{platform.node()} {platform.processor() or platform.machine()}, "
           f"revision {rx.git_revision()}, work dir {workdir}", flush=True)
     try:
-        ris, orthanc = Ris(), start_orthanc(tools, workdir)
+        ris, orthanc = MllpReceiver(), start_orthanc(tools, workdir)
         node_port, db = start_node(tools, workdir, orthanc, ris, args)
         studies = [write_phantom(workdir / f"study{n}", 900 + n, args)
                    for n in range(args.runs + 1)]

@@ -17,7 +17,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import pydicom
 import pytest
 import yaml
 
+from aiworker.dispatch.mllp import MllpReceiver
 from aiworker.store.layout import DataPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -453,57 +453,23 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 class MllpListener:
-    """An HL7 receiver on a free loopback port: reads MLLP-framed messages (several per
-    connection, each connection on its own thread), keeps each one's text in ``messages``
-    and answers it with an ACK whose MSA-1 is the next of ``codes`` (the last one repeats)
-    and MSA-3 ``reason``, after waiting the next of ``delays_s`` seconds (none when they
-    run out)."""
+    """A RIS for tests (:class:`~aiworker.dispatch.mllp.MllpReceiver` on a free loopback
+    port): keeps each message's text in ``messages`` and answers it with MSA-1 the next of
+    ``codes`` (the last one repeats) and MSA-3 ``reason``, after waiting the next of
+    ``delays_s`` seconds (none when they run out)."""
 
     def __init__(self, codes: tuple[str, ...] = ("AA",), reason: str = "",
                  delays_s: tuple[float, ...] = ()):
         self.codes, self.reason, self.delays_s = list(codes), reason, list(delays_s)
         self.messages: list[str] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True, name="mllp-listener").start()
+        self.receiver = MllpReceiver(self._answer)
+        self.port = self.receiver.port
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            self._read_and_answer(conn)
-
-    def _read_and_answer(self, conn: socket.socket) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\x1c\x0d" in buffer:
-                frame, buffer = buffer.split(b"\x1c\x0d", 1)
-                text = frame.lstrip(b"\x0b").decode("utf-8")
-                n = len(self.messages)
-                code = self.codes[min(n, len(self.codes) - 1)]
-                self.messages.append(text)
-                time.sleep(self.delays_s[n] if n < len(self.delays_s) else 0)
-                control_id = text.split("\r", 1)[0].split("|")[9]
-                ack = ("MSH|^~\\&|RIS|HOSPITAL|AIWORKER|AIWORKER|20260101080000||ACK^R01^ACK|"
-                       f"ACK{len(self.messages)}|P|2.5.1\rMSA|{code}|{control_id}|{self.reason}\r")
-                try:
-                    conn.sendall(b"\x0b" + ack.encode("utf-8") + b"\x1c\x0d")
-                except OSError:  # the sender is gone
-                    return
+    def _answer(self, message: str) -> tuple[str, str]:
+        n = len(self.messages)
+        self.messages.append(message)
+        time.sleep(self.delays_s[n] if n < len(self.delays_s) else 0)
+        return self.codes[min(n, len(self.codes) - 1)], self.reason
 
     def stop(self) -> None:
-        self.sock.close()
+        self.receiver.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import SimpleITK as sitk
 from support import dataset_bytes, dcmtk_env, free_port, needs_dcmtk, port_open, wait_until
 
 from aiworker.config import DicomDestination, HL7Destination
-from aiworker.dispatch.mllp import frame
+from aiworker.dispatch.mllp import MllpReceiver
 from aiworker.dispatch.outbox import (
     DEAD,
     RETRY,
@@ -395,30 +394,16 @@ def oru(control_id: str) -> str:
             "|2.5.1||||||UNICODE UTF-8\rPID|1||PH1||O'BRIEN^SIOBHÁN\r")
 
 
-def mllp_listener(reject: str) -> tuple[socket.socket, list[str]]:
+def mllp_listener(reject: str) -> tuple[MllpReceiver, list[str]]:
     """An MLLP receiver on loopback: AR for messages containing ``reject``, else AA; it
     keeps the text of every message it got."""
-    server = socket.create_server(("127.0.0.1", 0))
     received: list[str] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while not data.endswith(b"\x1c\x0d"):
-                    data += conn.recv(65536) or b"\x1c\x0d"
-                text = data[1:-2].decode("utf-8")
-                received.append(text)
-                msa = "MSA|AR|X|unknown order" if reject in text else "MSA|AA|X"
-                conn.sendall(frame("MSH|^~\\&|RIS|HOSP|AIWORKER|RAD|20240102080001||ACK|A1|P|"
-                                   f"2.5.1\r{msa}\r"))
+    def answer(message: str) -> tuple[str, str]:
+        received.append(message)
+        return ("AR", "unknown order") if reject in message else ("AA", "")
 
-    threading.Thread(target=serve, daemon=True).start()
-    return server, received
+    return MllpReceiver(answer), received
 
 
 def test_hl7_rows_go_over_mllp(db, tmp_path):
@@ -430,7 +415,7 @@ def test_hl7_rows_go_over_mllp(db, tmp_path):
         path.write_text(oru(f"CTRL{n}"), encoding="utf-8")
         messages.append(path)
     destinations = {
-        "ris": HL7Destination(kind="hl7", host="127.0.0.1", port=server.getsockname()[1]),
+        "ris": HL7Destination(kind="hl7", host="127.0.0.1", port=server.port),
         "down": HL7Destination(kind="hl7", host="127.0.0.1", port=free_port())}
     disp = dispatcher(db, clock, destinations, senders=default_senders(CALLING_AE, 5))
     for name in destinations:

@@ -129,7 +129,7 @@ def rows_in(outbox: Outbox, state: str) -> int:
 def test_a_done_job_reaches_the_pacs_and_the_ris_and_a_study_is_resent(tmp_path, scp,
                                                                         objects):
     server, received = mllp_listener(reject="\x00never")
-    site = Site(tmp_path, {"pacs": dicom(scp.port), "ris": hl7(server.getsockname()[1])},
+    site = Site(tmp_path, {"pacs": dicom(scp.port), "ris": hl7(server.port)},
                 ["pacs", "ris"])
     job_id, study_uid = site.done_job(objects)
     stage = OutboxStage(site.db, site.config, "AIWORKER")
@@ -274,7 +274,7 @@ def test_the_node_sends_a_received_study_s_results(node_factory, tmp_path, scp):
     server, received = mllp_listener(reject="\x00never")
     down = free_port()
     node = node_factory(
-        destinations={"pacs": dicom(scp.port), "ris": hl7(server.getsockname()[1]),
+        destinations={"pacs": dicom(scp.port), "ris": hl7(server.port),
                       "archive": dicom(down, "ARCHIVE")},
         pipelines=[{"name": "knee", "rules": "config/rules/knee.yaml", "model": "knee-demo",
                     "send_to": ["pacs", "ris", "archive"]}],

@@ -1,4 +1,4 @@
-"""MLLP client: send one HL7 message over TCP and read its acknowledgment.
+"""MLLP: send one HL7 message over TCP and read its acknowledgment; and a small receiver.
 
 A message travels framed as ``0x0B <message> 0x1C 0x0D`` (the Minimal Lower Layer
 Protocol), encoded in UTF-8 (the message's MSH-18 says ``UNICODE UTF-8``); the reply is
@@ -10,19 +10,23 @@ framed the same way. What the outbox does next follows from the reply:
 * ``dead``: MSA-1 is AR or CR (rejected: sending the same message again cannot succeed).
 
 The client is one blocking call on one connection, without threads of its own; retries
-and their backoff are the outbox's business.
+and their backoff are the outbox's business. :class:`MllpReceiver` is the other end, small
+and threaded: the stand-in RIS of ``aiworker demo``, the benchmarks and the tests.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiworker.results.hl7 import parse_ack
 
 START, END = b"\x0b", b"\x1c\x0d"
 DELIVERED, RETRY, DEAD = "delivered", "retry", "dead"
+RECEIVE_TIMEOUT_S = 30.0  # MllpReceiver drops a connection quiet for this long
 OUTCOMES = {"AA": DELIVERED, "CA": DELIVERED, "AE": RETRY, "CE": RETRY,
             "AR": DEAD, "CR": DEAD}
 
@@ -94,3 +98,52 @@ def _read_frame(sock: socket.socket, deadline: float) -> str | None:
         data += chunk
     body = data[:data.index(END)]
     return body[body.find(START) + 1:].decode("utf-8", errors="replace")
+
+
+def ack_for(message: str, code: str = "AA", text: str = "") -> str:
+    """The ACK a receiver sends for ``message``: MSA-1 ``code``, MSA-2 the message's control
+    id (MSH-10), MSA-3 ``text``; sender and receiver of the MSH swapped."""
+    fields = message.split("\r", 1)[0].split("|") + [""] * 10
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    return (f"MSH|^~\\&|{fields[4]}|{fields[5]}|{fields[2]}|{fields[3]}|{stamp}||ACK^R01^ACK|"
+            f"ACK{fields[9]}|P|2.5.1\rMSA|{code}|{fields[9]}|{text}\r")
+
+
+class MllpReceiver:
+    """A small HL7 receiver over MLLP on a free loopback port (``port``): the stand-in RIS of
+    the demo, the benchmarks and the tests. Each connection is read on its own thread; each
+    framed message goes to ``answer(message) -> (ACK code, text)`` and is acknowledged with
+    :func:`ack_for`. :meth:`close` stops accepting."""
+
+    def __init__(self, answer: Callable[[str], tuple[str, str]] = lambda _: ("AA", ""),
+                 host: str = "127.0.0.1"):
+        self.answer = answer
+        self.sock = socket.create_server((host, 0))
+        self.port: int = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="mllp-receiver").start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        """Answer every message of one connection until the sender closes it."""
+        with conn:
+            conn.settimeout(RECEIVE_TIMEOUT_S)
+            buffer = b""
+            try:
+                while chunk := conn.recv(65536):
+                    buffer += chunk
+                    while END in buffer:
+                        body, buffer = buffer.split(END, 1)
+                        message = body[body.find(START) + 1:].decode("utf-8", errors="replace")
+                        conn.sendall(frame(ack_for(message, *self.answer(message))))
+            except OSError:  # the sender went away or went quiet
+                return
