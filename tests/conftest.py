@@ -8,11 +8,7 @@ assert on log lines.
 from __future__ import annotations
 
 import itertools
-import json
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +20,9 @@ from support import (
     HAVE_DCMTK,
     ORTHANC,
     ORTHANC_MISSING,
-    STARTUP_TIMEOUT_S,
     NodeProcess,
+    OrthancProcess,
     Study,
-    free_port,
     node_config,
 )
 
@@ -182,77 +177,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 
 # --- Orthanc -----------------------------------------------------------------------------
-
-
-class OrthancProcess:
-    """Debian's Orthanc on free loopback ports, configured to know the node as ``aiworker``."""
-
-    def __init__(self, workdir: Path, modalities: dict[str, list[Any]]):
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        storage = workdir / "orthanc-db"
-        self.config_path = workdir / "orthanc.json"
-        self.log_path = workdir / "orthanc.log"
-        self.config_path.write_text(json.dumps({
-            "Name": "aiworker-test",
-            "StorageDirectory": str(storage),
-            "IndexDirectory": str(storage),
-            "DicomAet": "ORTHANC",
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomModalities": modalities,
-            "Plugins": [],
-        }, indent=2))
-        self.start()
-
-    def start(self) -> None:
-        """Start Orthanc (again, after :meth:`stop`: same ports, same storage) and wait
-        until its REST API answers."""
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(ORTHANC), str(self.config_path)],
-                                         cwd=self.config_path.parent, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + max(STARTUP_TIMEOUT_S, 30)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited: {self.log_path.read_text()}")
-            try:
-                if self.get("/system")["DicomAet"] == "ORTHANC":
-                    break
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Orthanc did not start: {self.log_path.read_text()}")
-            time.sleep(0.1)
-
-    def file(self, instance_id: str) -> bytes:
-        """The DICOM file of one of Orthanc's instances."""
-        url = f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file"
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            return resp.read()
-
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
-        data = None if body is None else (body if isinstance(body, bytes)
-                                          else json.dumps(body).encode())
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
-                                     method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            payload = resp.read()
-        return json.loads(payload) if payload else None
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path, timeout=5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +449,96 @@ def dciodvfy_errors(path: Path) -> list[str]:
                          timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
+
+
+# --- a PACS stand-in --------------------------------------------------------------------
+
+
+class OrthancProcess:
+    """Debian's Orthanc on free loopback ports, storing under ``workdir``, knowing the DICOM
+    ``modalities`` given; ``config`` is merged over its JSON configuration (e.g. Lua
+    scripts)."""
+
+    def __init__(self, workdir: Path, modalities: dict[str, Any],
+                 config: dict[str, Any] | None = None):
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        storage = workdir / "orthanc-db"
+        self.config_path = workdir / "orthanc.json"
+        self.log_path = workdir / "orthanc.log"
+        self.config_path.write_text(json.dumps(deep_merge({
+            "Name": "aiworker-test",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": "ORTHANC",
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": modalities,
+            "Plugins": [],
+        }, config or {}), indent=2))
+        self.start()
+
+    def start(self) -> None:
+        """Start Orthanc (again, after :meth:`stop`: same ports, same storage) and wait
+        until its REST API answers."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(ORTHANC), str(self.config_path)],
+                                         cwd=self.config_path.parent, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + max(STARTUP_TIMEOUT_S, 30)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {self.log_path.read_text()}")
+            try:
+                if self.get("/system")["DicomAet"] == "ORTHANC":
+                    break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {self.log_path.read_text()}")
+            time.sleep(0.1)
+
+    def file(self, instance_id: str) -> bytes:
+        """The DICOM file of one of Orthanc's instances."""
+        url = f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.read()
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
+        data = None if body is None else (body if isinstance(body, bytes)
+                                          else json.dumps(body).encode())
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
+                                     method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload = resp.read()
+        return json.loads(payload) if payload else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path, timeout=5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        """Orthanc's record of a study (``/studies/{id}``), or None."""
+        found = self.request("POST", "/tools/lookup", study_uid.encode(), timeout=5)
+        return self.get(f"/studies/{found[0]['ID']}") if found else None
+
+    def series(self, study_uid: str) -> list[dict[str, Any]]:
+        """Orthanc's records of a study's series (``/series/{id}``)."""
+        study = self.study(study_uid)
+        return [] if study is None else [self.get(f"/series/{sid}") for sid in study["Series"]]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 # --- a RIS stand-in ------------------------------------------------------------------------

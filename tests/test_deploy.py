@@ -32,9 +32,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 from support import (
-    ORTHANC,
     REPO,
     NodeProcess,
+    OrthancProcess,
     dcmtk,
     deep_merge,
     free_port,
@@ -399,58 +399,15 @@ def assert_rules_resolve(config: Config) -> None:
 # --- Orthanc auto-routing, for real -------------------------------------------------------
 
 
-class RoutingOrthanc:
+def routing_orthanc(workdir: Path, node_port: int) -> OrthancProcess:
     """Debian's Orthanc run with deploy/orthanc/orthanc.json and the Lua route, on free
     loopback ports, its storage under ``workdir``, the node at ``node_port``."""
-
-    def __init__(self, workdir: Path, node_port: int):
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.log_path = workdir / "orthanc.log"
-        config = deep_merge(orthanc_json(), {
-            "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "StorageDirectory": str(workdir / "orthanc-db"),
-            "IndexDirectory": str(workdir / "orthanc-db"),
-            "RemoteAccessAllowed": False, "StableAge": 1, "Plugins": [],
-            "LuaScripts": [str(ROUTE_LUA)],
-            "DicomModalities": {"aiworker": {"Host": "127.0.0.1", "Port": node_port}}})
-        (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(ORTHANC), str(workdir / "orthanc.json")],
-                                         cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._up, 30, "Orthanc to answer")
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited: {self.log_path.read_text()}")
-        try:
-            return self.get("/system")["DicomAet"] == "ORTHANC"
-        except OSError:
-            return False
-
-    def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def study(self, study_uid: str) -> dict[str, Any] | None:
-        return next((s for s in self.get("/studies?expand")
-                     if s["MainDicomTags"]["StudyInstanceUID"] == study_uid), None)
-
-    def series(self, study_uid: str) -> list[dict[str, Any]]:
-        study = self.study(study_uid)
-        return [] if study is None else [self.get(f"/series/{sid}") for sid in study["Series"]]
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    shipped = {k: v for k, v in orthanc_json().items()
+               if k not in ("DicomPort", "HttpPort", "StorageDirectory", "IndexDirectory")}
+    return OrthancProcess(workdir, {}, deep_merge(shipped, {
+        "RemoteAccessAllowed": False, "Plugins": [], "StableAge": 1,
+        "LuaScripts": [str(ROUTE_LUA)],
+        "DicomModalities": {"aiworker": {"Host": "127.0.0.1", "Port": node_port}}}))
 
 
 def routing_node(tmp_path: Path) -> NodeProcess:
@@ -484,7 +441,7 @@ def non_knee_study(root: Path) -> list[Path]:
 @needs_knee_demo
 def test_orthanc_routes_a_knee_mr_study_to_the_node_and_gets_the_results_back(tmp_path):
     node = routing_node(tmp_path)
-    orthanc = RoutingOrthanc(tmp_path, node.port)
+    orthanc = routing_orthanc(tmp_path, node.port)
     try:
         node.reconfigure(destinations={"pacs": {"host": "127.0.0.1",
                                                 "port": orthanc.dicom_port}})
@@ -495,7 +452,7 @@ def test_orthanc_routes_a_knee_mr_study_to_the_node_and_gets_the_results_back(tm
         orthanc.stop()
 
 
-def run_the_route(node: NodeProcess, orthanc: RoutingOrthanc, tmp_path: Path) -> None:
+def run_the_route(node: NodeProcess, orthanc: OrthancProcess, tmp_path: Path) -> None:
     """A modality sends a knee MR study and a shoulder MR study to Orthanc; only the knee
     study reaches the node, and its results come back into the same study at Orthanc,
     never to be forwarded again."""
