@@ -113,7 +113,7 @@ def running_site(workdir: Path, **overrides: Any) -> Iterator[Site]:
         "destinations": {
             "pacs": {"kind": "dicom", "host": "127.0.0.1", "port": pacs_port,
                      "ae_title": "DEMOPACS"},
-            "ris": {"kind": "hl7", "host": "127.0.0.1", "port": ris.getsockname()[1]}},
+            "ris": {"kind": "hl7", "host": "127.0.0.1", "port": ris.port}},
         "pipelines": [{"name": "knee", "rules": "config/rules/knee.yaml", "model": "knee-demo",
                        "outputs": ["seg", "sr", "report", "hl7"], "send_to": ["pacs", "ris"]}],
         "dispatch": {"interval_s": 0.2, "retry_base_s": 1, "timeout_s": 10},
