@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from aiworker.infer import findings as infer_findings
 from aiworker.infer.manifest import load_manifest
-from aiworker.infer.volume import LoadedSeries, load_series
+from aiworker.infer.volume import LoadedSeries, labels_to_series, load_series
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series
@@ -37,16 +37,29 @@ class TruthRun:
     findings: dict
 
 
-def truth_run(folder: Path, seed: int, matrix: int) -> TruthRun:
-    """Write a torn-ACL phantom (sagittal PD FS only, ``matrix`` square) under ``folder``
-    and make the run a job on it would be, with the truth as the prediction."""
+def truth_series_labels(folder: Path, seed: int, matrix: int, *, acl: str = "random",
+                        enhanced: bool = False) -> tuple[list[Path], LoadedSeries, np.ndarray]:
+    """Write a phantom (sagittal PD FS only, ``matrix`` square) under ``folder``: its files,
+    the series loaded, and the truth label map on the series' slices (every phantom label,
+    see :func:`model_labels`)."""
     study = write_study(folder, StudyOptions(
-        seed=seed, acl="torn", rescan=False, derived=False,
+        seed=seed, acl=acl, enhanced=enhanced, rescan=False, derived=False,
         overrides=Overrides(roles=("sag_pd_fs",), matrix=matrix)))
     paths = truth_series(study).files
     loaded = load_series(paths)
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth.labels)))
-    labels = np.where(truth <= 11, truth, 0).astype(np.uint8)
+    return paths, loaded, labels_to_series(sitk.ReadImage(str(study.truth.labels)), loaded)
+
+
+def model_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` with only knee-demo's structures (the phantom's others are background)."""
+    return np.where(labels <= 11, labels, 0).astype(np.uint8)
+
+
+def truth_run(folder: Path, seed: int, matrix: int) -> TruthRun:
+    """Write a torn-ACL phantom (sagittal PD FS only, ``matrix`` square) under ``folder``
+    and make the run a job on it would be, with the truth as the prediction."""
+    paths, loaded, truth = truth_series_labels(folder, seed, matrix, acl="torn")
+    labels = model_labels(truth)
     voxel_ml = math.prod(loaded.image.GetSpacing()) / 1000.0
     findings = {"model": MODEL_ID, "series_uid": loaded.series_uid,
                 "volumes_ml": infer_findings.volumes_ml(labels, voxel_ml, MANIFEST),

@@ -15,14 +15,11 @@ import SimpleITK as sitk
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
+from results_support import model_labels, truth_series_labels
 from support import dciodvfy_errors
 
 from aiworker.infer.manifest import Manifest
 from aiworker.infer.registry import Registry, model_id
-from aiworker.infer.volume import LoadedSeries, labels_to_series, load_series
-from aiworker.phantom.protocol import Overrides
-from aiworker.phantom.study import StudyOptions, write_study
-from aiworker.phantom.truth import truth_series
 from aiworker.results.preview import (
     DISPLAY_SIZE,
     LEGEND_WIDTH,
@@ -50,14 +47,9 @@ class Case:
     model's labels only) on its slices and the knee-demo model."""
 
     def __init__(self, root: Path, enhanced: bool):
-        study = write_study(root, StudyOptions(
-            seed=SEED, rescan=False, derived=False, enhanced=enhanced,
-            overrides=Overrides(roles=("sag_pd_fs",), matrix=256)))
-        files = truth_series(study).files
+        files, self.loaded, labels = truth_series_labels(root, SEED, 256, enhanced=enhanced)
         self.datasets = [pydicom.dcmread(path) for path in files]
-        self.loaded: LoadedSeries = load_series(files)
-        labels = labels_to_series(sitk.ReadImage(str(study.truth.labels)), self.loaded)
-        self.labels = np.where(labels <= 11, labels, 0).astype(np.uint8)
+        self.labels = model_labels(labels)
         spec = Registry().get("knee-demo")
         self.manifest: Manifest = spec.manifest
         self.model_id = model_id(spec)

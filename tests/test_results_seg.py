@@ -11,18 +11,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
+from results_support import truth_series_labels
 from support import dciodvfy_errors
 
 import aiworker
 from aiworker.infer.manifest import Code, Manifest
 from aiworker.infer.registry import Registry, model_id
-from aiworker.infer.volume import LoadedSeries, labels_to_series, load_series
-from aiworker.phantom.protocol import Overrides
-from aiworker.phantom.study import StudyOptions, write_study
-from aiworker.phantom.truth import truth_series
 from aiworker.results.seg import SERIES_DESCRIPTION, SegError, build_seg
 from aiworker.results.uids import result_uid
 
@@ -36,15 +32,11 @@ class Case:
     slices and the knee-demo model."""
 
     def __init__(self, root: Path, enhanced: bool):
-        study = write_study(root, StudyOptions(
-            seed=SEED, rescan=False, derived=False, enhanced=enhanced,
-            overrides=Overrides(roles=("sag_pd_fs",), matrix=256)))
-        files = truth_series(study).files
+        files, self.loaded, self.labels = truth_series_labels(root, SEED, 256,
+                                                              enhanced=enhanced)
         # shuffled: build_seg must pair each label slice with its instance, not file order
         self.datasets = [pydicom.dcmread(path) for path in files]
         random.Random(SEED).shuffle(self.datasets)
-        self.loaded: LoadedSeries = load_series(files)
-        self.labels = labels_to_series(sitk.ReadImage(str(study.truth.labels)), self.loaded)
         spec = Registry().get("knee-demo")
         self.manifest: Manifest = spec.manifest
         self.model_id = model_id(spec)
