@@ -5,8 +5,10 @@ code 1).
 
 At start every pipeline's model is resolved in the model registry (bundled models plus
 ``inference.models_dir``); an unknown model or an invalid manifest stops ``aiworker serve``
-with one line per problem and exit code 2. Jobs still ``running`` from a crash are queued
-again before the infer stage starts.
+with one line per problem and exit code 2. A data folder that another node (or a process an
+old node left) holds stops it with one line naming that process and exit code 1
+(:mod:`aiworker.store.lock`). Jobs still ``running`` from a crash are queued again before the
+infer stage starts.
 
 ``aiworker serve`` is :func:`serve`; tests and benchmarks start it the same way, as a
 subprocess, so what they exercise is what operators run.
@@ -32,6 +34,7 @@ from aiworker.select.worker import SelectionWorker
 from aiworker.store.completion import CompletionScheduler
 from aiworker.store.db import StateDB
 from aiworker.store.layout import DataPaths
+from aiworker.store.lock import DataFolderLock, FolderInUse
 from aiworker.store.reconcile import reconcile
 from aiworker.store.spool import Spool
 from aiworker.web.server import WebError, node_web_server
@@ -46,11 +49,14 @@ class Node:
 
     def __init__(self, config: Config):
         """Raises RuleError when a pipeline's rule file is missing or wrong, ManifestError
-        when a pipeline's model is unknown or its manifest invalid."""
+        when a pipeline's model is unknown or its manifest invalid, FolderInUse when another
+        process holds the data folder."""
         self.config = config
         pipelines = configured_pipelines(config)
         models = resolve_models(pipelines, config.inference.models_dir)
         self.paths = DataPaths(config.storage.data_dir)
+        self.lock = DataFolderLock(self.paths.root)
+        self.lock.acquire()
         self.spool = Spool(self.paths.spool, fsync=config.storage.fsync)
         self.db = StateDB(self.paths.db)
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
@@ -58,11 +64,11 @@ class Node:
         self.inferrer = InferenceWorker(self.db, worker_settings(
             config, models, self.paths.root / "results",
             write_objects="aiworker.results.objects:write_job_objects",
-            object_options=object_options(config)))
+            object_options=object_options(config), folder_lock=self.lock.shared()))
         self.outbox = OutboxStage(self.db, config, config.node.ae_title)
         self.receiver: Receiver | ReceiverProcesses
         if config.node.receive_processes > 1:
-            self.receiver = ReceiverProcesses(config)
+            self.receiver = ReceiverProcesses(config, self.lock.shared())
         else:
             self.receiver = Receiver(config, self.spool, self.db)
         self.web = node_web_server(config, self.paths.db, self.receiver, self.inferrer)
@@ -91,6 +97,7 @@ class Node:
         self.inferrer.stop()
         self.outbox.stop()
         self.db.close()
+        self.lock.release()
 
 
 def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
@@ -109,6 +116,9 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
         for line in exc.problems:
             log.error("model error: %s", line)
         raise SystemExit(2) from exc
+    except FolderInUse as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from exc
     except (OSError, sqlite3.Error) as exc:
         log.error("cannot open the data dir %s: %s", config.storage.data_dir, exc)
         raise SystemExit(1) from exc

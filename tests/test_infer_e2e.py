@@ -10,11 +10,13 @@ pipeline naming an unknown model stops the node at start.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pydicom
 import pytest
 import SimpleITK as sitk
@@ -170,8 +172,15 @@ def test_a_job_cut_off_by_a_crash_runs_after_the_restart(node_factory, tmp_path)
         overrides=Overrides(roles=("sag_pd_fs",), matrix=32, slices=16)))
     send(node, study)
     wait_for_job(node, "running", 30)  # claimed; the inference process is still loading
+    serve = psutil.Process(node.proc.pid)
+    children = wait_until(lambda: [p for p in serve.children(recursive=True)
+                                   if "spawn_main" in " ".join(p.cmdline())], 30,
+                          "the inference process")
     node.kill9()
     assert node.sql("SELECT state FROM jobs") == [{"state": "running"}]
+    # the inference process (and multiprocessing's resource tracker) die with the node
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [] and len(gone) == len(children) >= 1
 
     node.start()
     node.wait_for_log("were running when the node stopped; queued again", timeout=15)
@@ -187,6 +196,27 @@ def test_a_job_cut_off_by_a_crash_runs_after_the_restart(node_factory, tmp_path)
     assert f"job {job['job_id']} done: model tiny@1.0.0 on cpu, load " in log
     node.stop()
     assert "queued again" not in node.log_text().split("stopping")[-1]  # nothing cut off
+
+
+def test_a_second_node_on_the_same_data_folder_stops_naming_the_first(node_factory, tmp_path):
+    first = tiny_node(node_factory, tmp_path)
+    second = node_factory("second", start=False, storage={"data_dir": str(first.data_dir)})
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        second.start()
+    [line] = [line for line in second.log_text().splitlines() if "in use" in line]
+    assert line.endswith(f"the data folder {first.data_dir} is in use by aiworker serve "
+                         f"--config {first.config_path} (pid {first.proc.pid} on "
+                         f"{socket.gethostname()}, started {_lock_started(first)}); stop it, "
+                         "or give this node its own storage.data_dir")
+    assert first.running and first.cli("status", "--config", str(first.config_path)
+                                        ).returncode == 0
+    first.stop()
+    second.start()  # the folder is free once the first has stopped
+    assert second.running
+
+
+def _lock_started(node) -> str:
+    return json.loads((node.data_dir / "aiworker.lock").read_text())["started"]
 
 
 def test_an_unknown_model_stops_the_node_with_one_line_per_problem(node_factory, tmp_path):

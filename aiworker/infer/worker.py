@@ -27,6 +27,12 @@ A job fails with a kind: ``data`` (the series cannot be read as one volume), ``m
 the node kills the inference process, fails the job and starts a fresh process. A process
 that dies (the out-of-memory killer) fails its job as ``resource`` and is replaced too.
 Stopping the node stops the process; a job it was running is queued again.
+
+The inference process dies with the node, even with a node killed with -9
+(:func:`~aiworker.lifetime.die_with_parent`: the kernel kills it when the infer thread that
+started it ends, so that thread also stops it). It holds the node's data folder lock
+(``folder_lock``) while it lives, so a restarted node cannot start on the folder and run a
+job again while an old inference process still runs it.
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ from aiworker.config import Config
 from aiworker.infer.manifest import ManifestError, ModelError
 from aiworker.infer.registry import ModelSpec, Registry, model_id
 from aiworker.infer.volume import VolumeError
+from aiworker.lifetime import die_with_parent
 from aiworker.select.decide import Pipeline
 from aiworker.store.db import StateDB
+from aiworker.store.lock import SharedLock
 from aiworker.store.spool import fsync_path
 
 log = logging.getLogger("aiworker.infer")
@@ -77,11 +85,13 @@ class WorkerSettings:
     json_lines: bool = False
     write_objects: str | None = None  # "module:function" writing a done job's result objects
     object_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per pipeline
+    folder_lock: SharedLock | None = None  # the node's data folder lock, held by the process
 
 
 def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: Path,
                     write_objects: str | None = None,
-                    object_options: dict[str, dict[str, Any]] | None = None) -> WorkerSettings:
+                    object_options: dict[str, dict[str, Any]] | None = None,
+                    folder_lock: SharedLock | None = None) -> WorkerSettings:
     """The settings of the node's inference worker, from its config; ``object_options``
     (pipeline name -> plain options) go to ``write_objects`` with each job of the pipeline."""
     return WorkerSettings(
@@ -89,7 +99,8 @@ def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: P
         time_limit_s=config.inference.time_limit_s,
         threads=config.inference.threads or default_threads(), nice=config.inference.nice,
         log_level=config.logging.level, json_lines=config.logging.json_lines,
-        write_objects=write_objects, object_options=object_options or {})
+        write_objects=write_objects, object_options=object_options or {},
+        folder_lock=folder_lock)
 
 
 def default_threads() -> int:
@@ -167,9 +178,7 @@ class InferenceWorker:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
+        self._stop_process()  # the thread stops it; not when it never ran
         requeued = self.db.requeue_running("node stopped")
         if requeued:
             log.info("jobs %s were running and are queued again", ", ".join(requeued))
@@ -258,15 +267,25 @@ class InferenceWorker:
             self.process.kill()
         self.process = InferenceProcess(self.settings)
 
+    def _stop_process(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.tick()
-            except Exception:  # keep the stage alive; the next tick retries
-                log.exception("inference tick failed")
-                ran = False
-            if not ran:
-                self._stop.wait(self.interval)
+        """Tick until stopped, then stop the inference process from this thread: the one
+        that started it, whose end the kernel would otherwise answer by killing it."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    ran = self.tick()
+                except Exception:  # keep the stage alive; the next tick retries
+                    log.exception("inference tick failed")
+                    ran = False
+                if not ran:
+                    self._stop.wait(self.interval)
+        finally:
+            self._stop_process()
 
 
 def _failure(kind: str, error: str) -> dict[str, Any]:
@@ -284,7 +303,7 @@ class InferenceProcess:
     def __init__(self, settings: WorkerSettings):
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
-        self.process = context.Process(target=serve_jobs, args=(theirs, settings),
+        self.process = context.Process(target=serve_jobs, args=(theirs, settings, os.getpid()),
                                        name="aiworker-infer", daemon=True)
         self.process.start()
         theirs.close()
@@ -365,11 +384,12 @@ class InferenceProcess:
 # --- inside the inference process ---------------------------------------------------------
 
 
-def serve_jobs(conn: Connection, settings: WorkerSettings) -> None:
+def serve_jobs(conn: Connection, settings: WorkerSettings, parent_pid: int) -> None:
     """The inference process: load every model once, then answer each job the node sends
-    until it sends None or goes away."""
+    until it sends None or goes away (killed at once when the node dies)."""
     from aiworker import logs
 
+    die_with_parent(parent_pid, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops us over the pipe
     os.nice(settings.nice)
     logs.setup(settings.log_level, settings.json_lines)

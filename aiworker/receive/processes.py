@@ -6,13 +6,13 @@ on a multi-core host concurrent senders are faster served by several processes. 
 DICOM port with SO_REUSEPORT (Linux), and the kernel spreads incoming connections over them.
 Each worker has its own connection to the state DB (SQLite in WAL mode takes writers from
 several processes) and writes to the same spool. The parent keeps the completion scheduler
-and restarts a worker that dies; a worker dies with its parent, even one killed with -9.
+and restarts a worker that dies; a worker dies with its parent, even one killed with -9
+(:func:`~aiworker.lifetime.die_with_parent`), and holds the node's data folder lock while it
+lives (:mod:`aiworker.store.lock`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -22,17 +22,18 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from aiworker.config import Config
+from aiworker.lifetime import die_with_parent
+from aiworker.store.lock import SharedLock
 
 log = logging.getLogger("aiworker.receive")
-
-PR_SET_PDEATHSIG = 1
 
 
 class ReceiverProcesses:
     """Starts, watches and stops the worker processes."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, folder_lock: SharedLock | None = None):
         self.config = config
+        self.folder_lock = folder_lock
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[BaseProcess] = []
         self._stopping = threading.Event()
@@ -59,7 +60,8 @@ class ReceiverProcesses:
         listening = self._context.Event()
         worker = self._context.Process(
             target=_serve, name=f"receiver-{index}",
-            args=(self.config.model_dump(mode="json"), os.getpid(), listening), daemon=True)
+            args=(self.config.model_dump(mode="json"), os.getpid(), listening, self.folder_lock),
+            daemon=True)
         worker.start()
         while not listening.wait(0.1):
             if not worker.is_alive():
@@ -75,15 +77,17 @@ class ReceiverProcesses:
                     self._workers[i] = self._spawn(i)
 
 
-def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any) -> None:
-    """A worker's life: receive until the parent stops it or dies."""
+def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any,
+           folder_lock: SharedLock | None) -> None:
+    """A worker's life: receive until the parent stops it or dies (holding ``folder_lock``
+    all along)."""
     from aiworker import logs
     from aiworker.receive.scp import Receiver
     from aiworker.store.db import StateDB
     from aiworker.store.layout import DataPaths
     from aiworker.store.spool import Spool
 
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     config = Config.model_validate(config_data)
     logs.setup(config.logging.level, config.logging.json_lines)
     paths = DataPaths(config.storage.data_dir)
@@ -97,13 +101,3 @@ def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any) -> None
     stopping.wait()
     receiver.stop()
 
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        log.warning("cannot tie this receiving process to its parent's life")
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
