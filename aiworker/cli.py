@@ -35,9 +35,26 @@ console = Console()
 err = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
-AETOption = Annotated[str, typer.Option("--aet", help="Called AE title of the remote node.")]
+AETOption = Annotated[str, typer.Option(
+    "--called-ae", "-aec", help="Called AE title of the remote node (dcmtk's -aec).")]
 CallingOption = Annotated[str | None, typer.Option(
-    "--calling-aet", help="Our (calling) AE title; default: node.ae_title from the config.")]
+    "--calling-ae", "-aet", help="Our (calling) AE title (dcmtk's -aet); default: "
+                                 "node.ae_title from the config.")]
+
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        console.print(f"aiworker {version('aiworker')}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """aiworker: DICOM network AI node for knee MRI."""
 
 
 def _config(path: Path) -> Config:
@@ -112,7 +129,13 @@ def send(path: Path, host: str, port: int, aet: AETOption = "AIWORKER",
     from aiworker.dispatch.scu import send as c_store
 
     cfg = _client_config(config)
+    if not path.exists():
+        err.print(f"send: {path} does not exist", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     files = dicom_files(path)
+    if not files:
+        err.print(f"send: no files under {path}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task(f"sending to {aet}", total=len(files))
         try:
@@ -126,6 +149,11 @@ def send(path: Path, host: str, port: int, aet: AETOption = "AIWORKER",
         console.print(f"  status 0x{max(status, 0):04X} ({name}): {count}")
     if summary.unreadable:
         console.print(f"  not DICOM, skipped: {len(summary.unreadable)}")
+        for skipped in summary.unreadable:
+            console.print(f"    {skipped}", highlight=False, soft_wrap=True)
+    if not summary.statuses:
+        err.print(f"send: none of the {len(files)} file(s) under {path} is DICOM",
+                  highlight=False, soft_wrap=True)
     raise typer.Exit(0 if summary.ok else 1)
 
 

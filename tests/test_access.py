@@ -121,13 +121,13 @@ def test_allow_list_unit() -> None:
 
 
 def test_cli_calls_with_the_configured_ae_title(node_factory, tmp_path) -> None:
-    """``aiworker echo/send`` call as node.ae_title from --config unless --calling-aet says."""
+    """``aiworker echo/send`` call as node.ae_title from --config unless --calling-ae says."""
     node = node_factory(node={"allowed_callers": [{"ae_title": "MYNODE"}]})
     client = tmp_path / "client.yaml"
     client.write_text("node: {ae_title: MYNODE}\n", encoding="utf-8")
-    called = ("echo", "127.0.0.1", str(node.port), "--aet", "AIWORKER")
+    called = ("echo", "127.0.0.1", str(node.port), "--called-ae", "AIWORKER")
     assert node.cli(*called, "--config", str(client)).returncode == 0
     refused = node.cli(*called)  # no config here: the embedded default AE title, AIWORKER
     assert refused.returncode == 1
     assert "rejected the association" in refused.stderr
-    assert node.cli(*called, "--calling-aet", "MYNODE").returncode == 0
+    assert node.cli(*called, "--calling-ae", "MYNODE").returncode == 0

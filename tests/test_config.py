@@ -230,3 +230,10 @@ def test_cli_serve_refuses_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "node.colour" in proc.stderr
     assert "listening" not in proc.stdout + proc.stderr
+
+
+def test_version_prints_the_installed_package_version() -> None:
+    from importlib.metadata import version
+
+    proc = subprocess.run([AIWORKER, "--version"], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"aiworker {version('aiworker')}")

@@ -170,27 +170,46 @@ def test_resend_after_completion_is_a_late_arrival(node, make_study) -> None:
 def test_aiworker_send_command(node, make_study) -> None:
     study = make_study(series=2, slices=3)
     (study.root / "README.txt").write_text("not DICOM")
-    proc = node.cli("send", str(study.root), "127.0.0.1", str(node.port), "--aet", "AIWORKER",
-                    "--calling-aet", "AIWCLI")
+    proc = node.cli("send", str(study.root), "127.0.0.1", str(node.port), "--called-ae", "AIWORKER",
+                    "--calling-ae", "AIWCLI")
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one file was not DICOM
     assert re.search(r"status 0x0000 \(success\): 6\b", proc.stdout), proc.stdout
     assert "not DICOM, skipped: 1" in proc.stdout
+    assert f"    {study.root / 'README.txt'}" in proc.stdout.splitlines()
     assert_stored_exactly(node, study)
     rows = node.sql("SELECT DISTINCT calling_ae FROM instances")
     assert rows == [{"calling_ae": "AIWCLI"}]
 
     (study.root / "README.txt").unlink()
-    proc = node.cli("send", str(study.root), "127.0.0.1", str(node.port), "--aet", "AIWORKER")
+    proc = node.cli("send", str(study.root), "127.0.0.1", str(node.port), "--called-ae", "AIWORKER")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"status 0x0000 \(success\): 6\b", proc.stdout), proc.stdout
     assert node.instance_count() == 6
 
 
+def test_aiworker_send_refuses_what_it_cannot_send(node, tmp_path) -> None:
+    where = ("127.0.0.1", str(node.port))
+    missing = node.cli("send", str(tmp_path / "nonexistent"), *where)
+    assert (missing.returncode, missing.stderr.strip()) == \
+        (1, f"send: {tmp_path / 'nonexistent'} does not exist")
+    (tmp_path / "empty").mkdir()
+    empty = node.cli("send", str(tmp_path / "empty"), *where)
+    assert (empty.returncode, empty.stderr.strip()) == \
+        (1, f"send: no files under {tmp_path / 'empty'}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not DICOM")
+    notes = node.cli("send", str(tmp_path / "notes"), *where)
+    assert notes.returncode == 1
+    assert "send: none of the 1 file(s) under" in notes.stderr
+    assert f"    {tmp_path / 'notes' / 'a.txt'}" in notes.stdout.splitlines()
+    assert node.instance_count() == 0
+
+
 def test_aiworker_echo_command(node) -> None:
-    proc = node.cli("echo", "127.0.0.1", str(node.port), "--aet", "AIWORKER")
+    proc = node.cli("echo", "127.0.0.1", str(node.port), "--called-ae", "AIWORKER")
     assert proc.returncode == 0, proc.stderr
     assert "status 0x0000" in proc.stdout
-    proc = node.cli("echo", "127.0.0.1", str(node.port), "--aet", "WRONGAE")
+    proc = node.cli("echo", "127.0.0.1", str(node.port), "--called-ae", "WRONGAE")
     assert proc.returncode == 1
     assert "rejected" in proc.stderr
 

@@ -119,7 +119,7 @@ def test_aiworker_send_keeps_every_syntax(node, series_in, tmp_path: Path) -> No
             shutil.copy(path, copy)
             sop = str(pydicom.dcmread(copy, stop_before_pixels=True).SOPInstanceUID)
             sent[sop] = (copy, uid)
-    proc = node.cli("send", str(folder), "127.0.0.1", str(node.port), "--aet", "AIWORKER")
+    proc = node.cli("send", str(folder), "127.0.0.1", str(node.port), "--called-ae", "AIWORKER")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"status 0x0000 (success): {len(sent)}" in proc.stdout
     rows = {r["sop_uid"]: r for r in node.sql("SELECT sop_uid, path, transfer_syntax "
