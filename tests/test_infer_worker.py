@@ -9,6 +9,7 @@ kills it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -625,3 +627,62 @@ def test_stop_ends_the_process_and_requeues_a_running_job(registry, phantom, tmp
     assert process is not None and not process.process.is_alive()
     assert [e["detail"]["reason"] for e in own_db.events(("job_requeued",))] == ["node stopped"]
     own_db.close()
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``folder`` (skips the test where none can be mounted:
+    it takes root)."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small disk (tmpfs) here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` up to its last byte; the file that holds the space."""
+    filler = disk / "filler"
+    with open(filler, "wb") as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    return filler
+
+
+def test_a_full_disk_fails_a_job_as_resource_and_it_runs_again_once_there_is_room(
+        db, registry, series, tmp_path):
+    with small_disk(tmp_path / "results", "4m") as disk:
+        settings = WorkerSettings(models={"tiny": registry.get("tiny")}, results_dir=disk,
+                                  device="cpu", threads=1, min_free_mb=0)
+        inferrer = InferenceWorker(db, settings)
+        inferrer.disk_check_s = 0
+        try:
+            job_id = queue(db, series())
+            filler = fill(disk)
+            run_next(inferrer)
+            failed = job(db, job_id)
+            assert (failed["state"], failed["error_kind"]) == ("failed", "resource")
+            assert failed["error"].startswith("disk full: [Errno 28] ")
+            result = disk / job_id
+            assert not (result / FINDINGS_FILE).exists()  # only whole files get their names
+
+            filler.unlink()
+            run_next(inferrer)  # queued again now that there is room, and run
+            done = job(db, job_id)
+            assert (done["state"], done["attempts"]) == ("done", 2)
+            assert sitk.ReadImage(str(result / LABELS_FILE)).GetSize()[2] == 16
+            [retried] = db.events(("job_retried",))[:1]
+            assert retried["detail"]["error"] == failed["error"]
+
+            inferrer.settings = replace(settings, min_free_mb=2)  # 4 MB disk, 3+ MB full
+            fill(disk)
+            waiting = queue(db, series())
+            assert not inferrer.tick()  # below the floor: nothing is claimed
+            assert job(db, waiting)["state"] == "queued"
+        finally:
+            inferrer.stop()

@@ -22,7 +22,12 @@ settings hold for the job's pipeline (``object_options``), and its timings (``se
 
 A job fails with a kind: ``data`` (the series cannot be read as one volume), ``model``
 (the model cannot load, or rejects the input; any unexpected error, named by its type) or
-``resource`` (out of memory, device lost, the time limit). The time limit is
+``resource`` (out of memory, device lost, the time limit, a full disk).
+
+A full disk is waited out: while the results folder's disk has less than
+``storage.min_free_mb`` free, no job is claimed; a job that failed because the disk filled up
+as it wrote (``disk full: ...``; what it had half written keeps its temporary name and is
+never sent) is queued again once the space is back. The time limit is
 ``inference.time_limit_s`` when set, else the model's ``inference.time_limit_s``; past it
 the node kills the inference process, fails the job and starts a fresh process. A process
 that dies (the out-of-memory killer) fails its job as ``resource`` and is replaced too.
@@ -37,6 +42,8 @@ job again while an old inference process still runs it.
 
 from __future__ import annotations
 
+import errno
+import gzip
 import importlib
 import json
 import logging
@@ -58,6 +65,7 @@ from aiworker.infer.volume import VolumeError
 from aiworker.lifetime import die_with_parent
 from aiworker.select.decide import Pipeline
 from aiworker.store.db import StateDB
+from aiworker.store.disk import free_mb, is_disk_full
 from aiworker.store.lock import SharedLock
 from aiworker.store.spool import fsync_path
 
@@ -67,6 +75,8 @@ LABELS_FILE = "labels.nii.gz"
 FINDINGS_FILE = "findings.json"
 LOAD_LIMIT_S = 600.0  # the inference process must have loaded its models by then
 POLL_S = 0.25  # how often a wait for the inference process looks at the stop flag
+DISK_CHECK_S = 5.0  # how often a stage waiting for disk space looks again
+DISK_FULL = "disk full"  # how the error of a job the full disk stopped begins
 STEPS = ("load", "preprocess", "model", "postprocess", "resample", "write", "seg", "sr", "report",
          "hl7", "preview", "total")
 
@@ -86,6 +96,7 @@ class WorkerSettings:
     write_objects: str | None = None  # "module:function" writing a done job's result objects
     object_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per pipeline
     folder_lock: SharedLock | None = None  # the node's data folder lock, held by the process
+    min_free_mb: int = 0  # no job starts while the results folder's disk has less free
 
 
 def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: Path,
@@ -100,7 +111,7 @@ def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: P
         threads=config.inference.threads or default_threads(), nice=config.inference.nice,
         log_level=config.logging.level, json_lines=config.logging.json_lines,
         write_objects=write_objects, object_options=object_options or {},
-        folder_lock=folder_lock)
+        folder_lock=folder_lock, min_free_mb=config.storage.min_free_mb)
 
 
 def default_threads() -> int:
@@ -165,6 +176,9 @@ class InferenceWorker:
         self.process: InferenceProcess | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="infer", daemon=True)
+        self.disk_check_s = DISK_CHECK_S
+        self._disk_checked_at = -DISK_CHECK_S
+        self._disk_ok = True
 
     def start(self) -> None:
         for name, spec in sorted(self.settings.models.items()):
@@ -184,7 +198,10 @@ class InferenceWorker:
             log.info("jobs %s were running and are queued again", ", ".join(requeued))
 
     def tick(self) -> bool:
-        """Run the oldest queued job, if there is one; True when one ran."""
+        """Run the oldest queued job, if there is one and the disk has room; True when one
+        ran."""
+        if not self._disk_has_room():
+            return False
         job = self.db.claim_job() if self.db.has_queued_job() else None
         if job is None:
             return False
@@ -266,6 +283,25 @@ class InferenceWorker:
             log.warning("inference process %s %s; starting a new one", self.process.pid, why)
             self.process.kill()
         self.process = InferenceProcess(self.settings)
+
+    def _disk_has_room(self) -> bool:
+        """Whether the results folder's disk is above the floor (looked at every
+        :data:`DISK_CHECK_S`); when the space comes back, jobs the full disk failed are
+        queued again."""
+        if time.monotonic() - self._disk_checked_at < self.disk_check_s:
+            return self._disk_ok
+        self._disk_checked_at = time.monotonic()
+        free = free_mb(self.settings.results_dir)
+        was_ok, self._disk_ok = self._disk_ok, free >= self.settings.min_free_mb
+        if not self._disk_ok and was_ok:
+            log.warning("%d MB free for results, below storage.min_free_mb (%d MB): no job "
+                        "starts until there is room", free, self.settings.min_free_mb)
+        if self._disk_ok:
+            for job_id in self.db.failed_job_ids("resource", DISK_FULL):
+                self.db.retry_job(job_id)
+                log.info("job %s failed on a full disk; queued again now that %d MB are "
+                         "free", job_id, free)
+        return self._disk_ok
 
     def _stop_process(self) -> None:
         if self.process is not None:
@@ -487,6 +523,8 @@ def classify_error(exc: BaseException) -> dict[str, str]:
     resource), ``resource`` for MemoryError, else ``model`` named by the exception type."""
     if isinstance(exc, MemoryError):
         return {"kind": "resource", "error": f"out of memory: {exc}".rstrip(": ")}
+    if is_disk_full(exc) or is_disk_full(exc.__cause__ or exc.__context__ or exc):
+        return {"kind": "resource", "error": f"{DISK_FULL}: {exc}"}
     kind = getattr(exc, "kind", None)
     first_line = (str(exc).splitlines() or [""])[0]
     if kind in ("data", "model", "resource"):
@@ -502,12 +540,26 @@ def write_results(folder: Path, label_image: Any, findings: dict[str, Any]) -> N
     folder.mkdir(parents=True, exist_ok=True)
     labels = folder / f"partial-{LABELS_FILE}"
     sitk.WriteImage(label_image, str(labels), True)
+    _check_whole(labels)
     fsync_path(labels)
     os.replace(labels, folder / LABELS_FILE)
     text = folder / f"partial-{FINDINGS_FILE}"
     text.write_text(json.dumps(findings, indent=2), encoding="utf-8")
     fsync_path(text)
     os.replace(text, folder / FINDINGS_FILE)
+
+
+def _check_whole(path: Path) -> None:
+    """Raise OSError unless the gzip file at ``path`` is whole: ITK says nothing when the
+    disk fills up as it writes, and leaves a cut-off file."""
+    try:
+        with gzip.open(path) as written:
+            while written.read(1 << 20):
+                pass
+    except (EOFError, OSError) as exc:
+        full = free_mb(path.parent) == 0
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      f"{path.name} was cut off as it was written") from exc
 
 
 def _plain(value: Any) -> Any:

@@ -468,6 +468,14 @@ class StateDB:
                        reason=f"{kind} error: {error}")
         return row is not None
 
+    def failed_job_ids(self, kind: str, error_prefix: str) -> list[str]:
+        """The failed jobs of an error kind whose error begins with ``error_prefix``, oldest
+        first (the infer stage retries those a full disk stopped)."""
+        rows = self._query("SELECT job_id FROM jobs WHERE state = ? AND error_kind = ? AND"
+                           " SUBSTR(error, 1, ?) = ? ORDER BY created_at, job_id",
+                           (FAILED, kind, len(error_prefix), error_prefix))
+        return [row["job_id"] for row in rows]
+
     def requeue_running(self, reason: str = "restart") -> list[str]:
         """Queue again every ``running`` job (its run was cut off: a crash, or the node
         stopping mid-job); returns their ids."""

@@ -16,7 +16,6 @@ the floor below which C-STORE answers 0xA700). The node adds ``models`` and ``sc
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from fastapi.responses import JSONResponse
 
 from aiworker.config import Config
 from aiworker.store.db import StateDB
+from aiworker.store.disk import free_mb
 from aiworker.store.layout import DataPaths
 
 Probe = Callable[[], tuple[bool, str]]  # -> (passed, detail in words)
@@ -47,11 +47,11 @@ def disk_probe(config: Config) -> Probe:
 
     def probe() -> tuple[bool, str]:
         where = paths.spool if paths.spool.exists() else paths.root
-        free_mb = shutil.disk_usage(where).free // (1024 * 1024)
-        if free_mb < floor_mb:
-            return False, (f"{free_mb} MB free on {where}, below storage.min_free_mb "
-                           f"({floor_mb} MB): C-STORE answers 0xA700")
-        return True, f"{free_mb} MB free on {where} (floor {floor_mb} MB)"
+        free = free_mb(where)
+        if free < floor_mb:
+            return False, (f"{free} MB free on {where}, below storage.min_free_mb "
+                           f"({floor_mb} MB): C-STORE answers 0xA700, no job starts")
+        return True, f"{free} MB free on {where} (floor {floor_mb} MB)"
     return probe
 
 
