@@ -1,8 +1,9 @@
 """The ``aiworker`` command line: serve, echo, send, status, select, infer, retry, resend,
 phantom, train-demo, demo.
 
-Every command but ``phantom`` and ``demo`` takes ``--config FILE`` (default
-``config/aiworker.yaml``). A bad config stops the command with one line per problem and exit
+Every command but ``phantom`` and ``demo`` takes ``--config FILE`` (default: the
+``AIWORKER_CONFIG`` variable, else ``config/aiworker.yaml``), so ``docker exec ... aiworker
+status`` reads the server's file. A bad config stops the command with one line per problem and exit
 code 2.
 """
 
@@ -34,7 +35,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err = Console(stderr=True)
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOption = Annotated[Path, typer.Option(
+    "--config", "-c", envvar="AIWORKER_CONFIG",
+    help="YAML config file (default: $AIWORKER_CONFIG, else config/aiworker.yaml).")]
 AETOption = Annotated[str, typer.Option(
     "--called-ae", "-aec", help="Called AE title of the remote node (dcmtk's -aec).")]
 CallingOption = Annotated[str | None, typer.Option(

@@ -237,3 +237,15 @@ def test_version_prints_the_installed_package_version() -> None:
 
     proc = subprocess.run([AIWORKER, "--version"], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout.strip()) == (0, f"aiworker {version('aiworker')}")
+
+
+def test_every_command_reads_the_config_that_aiworker_config_names(tmp_path: Path) -> None:
+    data_dir = tmp_path / "server-data"
+    path = tmp_path / "server.yaml"
+    path.write_text(f"storage: {{data_dir: {data_dir}}}\n", encoding="utf-8")
+    proc = run_cli("status", env={"AIWORKER_CONFIG": str(path)})
+    assert proc.returncode == 0, proc.stderr
+    unwrapped = "".join(proc.stdout.split())
+    assert f"(stateDB:{data_dir / 'state.db'})" in unwrapped  # the server's folder
+    broken = run_cli("retry", "feedbeef", env={"AIWORKER_CONFIG": str(tmp_path / "none.yaml")})
+    assert broken.returncode == 2 and "none.yaml" in broken.stderr
