@@ -63,7 +63,12 @@ class Node(_Section):
     max_associations: int = Field(16, ge=1, le=1024)
     receive_processes: int = Field(1, ge=1, le=64)
     max_pdu_bytes: int = Field(262144, ge=0, description="0 = unlimited")
-    network_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0, description="drop an association (or a "
+                                     "connection) on which nothing arrives for this long")
+    acse_timeout_s: float = Field(30.0, gt=0, description="a connection must send its "
+                                  "A-ASSOCIATE-RQ (and finish TLS) within this (ARTIM timer)")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="wait this long for the rest of "
+                                   "a DIMSE message once it has begun")
     allowed_callers: list[AllowedCaller] = []
     tls: TLS = TLS()
 

@@ -99,10 +99,16 @@ class _Server(ThreadedAssociationServer):
     accepts connections: one caller that connects and stays silent would stop every other.
     Here the accept loop only wraps the socket; the handshake runs in the connection's own
     thread, bounded by the ACSE timeout.
+
+    A socket from ``accept()`` blocks without limit: a peer that stops half way through a
+    PDU (a half-sent A-ASSOCIATE-RQ, garbage whose "length" promises more) would hold its
+    thread and an association slot for ever. Each accepted socket gets the network timeout,
+    so such a read fails after ``node.network_timeout_s`` and the connection is closed.
     """
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False)
@@ -155,8 +161,8 @@ class Receiver:
         ae.maximum_associations = -(-node.max_associations // node.receive_processes)
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.network_timeout = node.network_timeout_s
-        ae.acse_timeout = 30
-        ae.dimse_timeout = node.network_timeout_s
+        ae.acse_timeout = node.acse_timeout_s  # also pynetdicom's ARTIM timer
+        ae.dimse_timeout = node.dimse_timeout_s
         ae.require_called_aet = True
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
