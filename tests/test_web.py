@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,16 @@ def test_metrics_count_what_the_run_did(site):
     assert m['aiworker_outbox_rows{destination="ris",state="sent"}'] == 1
     assert m['aiworker_outbox_depth{destination="pacs"}'] == 0
     assert m['aiworker_outbox_failed_attempts{destination="ris"}'] == 0
+    for stage in ("receive", "queue_wait", "inference", "result_objects", "send"):
+        assert m[f'aiworker_stage_seconds_count{{stage="{stage}"}}'] == 1, stage
+    assert m['aiworker_stage_seconds_sum{stage="inference"}'] + \
+        m['aiworker_stage_seconds_sum{stage="result_objects"}'] <= \
+        m["aiworker_inference_seconds_sum"]
+    assert 0 < m['aiworker_stage_seconds_sum{stage="send"}'] < \
+        m["aiworker_end_to_end_seconds_sum"]
+    [build] = [key for key in m if key.startswith("aiworker_build_info{")]
+    assert f'version="{version("aiworker")}"' in build and 'variant="source"' in build
+    assert m[build] == 1
 
 
 def test_readyz_passes_every_check_on_a_running_node(site):

@@ -33,6 +33,7 @@ class NodeStats:
     end_to_end_seconds: list[float] = field(default_factory=list)
     outbox: dict[str, dict[str, int]] = field(default_factory=dict)  # dest -> state -> rows
     outbox_failed_attempts: dict[str, int] = field(default_factory=dict)  # dest -> count
+    stage_seconds: dict[str, list[float]] = field(default_factory=dict)  # stage -> durations
 
     def outbox_depth(self, destination: str) -> int:
         """Rows of ``destination`` still to send (pending or sending)."""
@@ -54,7 +55,9 @@ def read_stats(db: StateDB) -> NodeStats:
     * ``end_to_end_seconds``: for each done job whose outbox rows are all sent, from the
       study's first instance received to the last of those rows accepted;
     * ``outbox``: rows by destination and state; ``outbox_failed_attempts``: sends that
-      failed, summed over rows (since each row was last queued: a resend starts afresh).
+      failed, summed over rows (since each row was last queued: a resend starts afresh);
+    * ``stage_seconds``: the durations of each stage (:data:`STAGES`; see
+      :func:`_stage_seconds`).
     """
     stats = NodeStats()
     (stats.instances, stats.bytes), = [tuple(r) for r in db._query(
@@ -79,7 +82,39 @@ def read_stats(db: StateDB) -> NodeStats:
             "SELECT destination, SUM(attempts - CASE WHEN state = ? THEN 1 ELSE 0 END) AS n"
             " FROM outbox GROUP BY destination", (SENT,)):
         stats.outbox_failed_attempts[row["destination"]] = int(row["n"] or 0)
+    stats.stage_seconds = _stage_seconds(db)
     return stats
+
+
+STAGES = ("receive", "queue_wait", "inference", "result_objects", "send")
+INFERENCE_STEPS = ("load", "preprocess", "model", "postprocess", "resample", "write")
+OBJECT_STEPS = ("seg", "sr", "report", "hl7", "preview")
+
+
+def _stage_seconds(db: StateDB) -> dict[str, list[float]]:
+    """Seconds per stage: ``receive`` (a complete study's first to last instance),
+    ``queue_wait`` (a job queued to taken by the inference process), ``inference`` (its
+    load, model and label steps), ``result_objects`` (SEG, SR, report, HL7, preview) and
+    ``send`` (a done job to its last result accepted, when all are)."""
+    seconds: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for row in db._query("SELECT first_received, last_received FROM studies"
+                         " WHERE completed_at IS NOT NULL"):
+        seconds["receive"].append(row["last_received"] - row["first_received"])
+    for row in db._query("SELECT state, created_at, started_at, timings FROM jobs"
+                         " WHERE started_at IS NOT NULL"):
+        seconds["queue_wait"].append(max(0.0, row["started_at"] - row["created_at"]))
+        timings = json.loads(row["timings"] or "{}") if row["state"] == DONE else {}
+        for stage, steps in (("inference", INFERENCE_STEPS), ("result_objects", OBJECT_STEPS)):
+            if any(step in timings for step in steps):
+                seconds[stage].append(sum(timings.get(step, 0.0) for step in steps))
+    for row in db._query(
+            "SELECT j.finished_at AS done, MAX(o.sent_at) AS sent,"
+            " SUM(CASE WHEN o.state = ? THEN 0 ELSE 1 END) AS unsent"
+            " FROM jobs j JOIN outbox o ON o.job_id = j.job_id WHERE j.state = ?"
+            " GROUP BY j.job_id, j.finished_at", (SENT, DONE)):
+        if row["unsent"] == 0 and row["sent"] is not None:
+            seconds["send"].append(max(0.0, row["sent"] - row["done"]))
+    return seconds
 
 
 def _count_events(db: StateDB, kind: str) -> int:

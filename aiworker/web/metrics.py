@@ -30,6 +30,17 @@ dir was made.
 ``aiworker_outbox_depth{destination}``        rows still to send (pending + sending)
 ``aiworker_outbox_failed_attempts{destination}``  failed sends, summed over rows since each
                                               was last queued
+``aiworker_stage_seconds{stage}``             histogram per stage: ``receive`` (a complete
+                                              study's first to last instance),
+                                              ``queue_wait`` (job queued to started),
+                                              ``inference`` (load, model, labels),
+                                              ``result_objects`` (SEG, SR, report, HL7,
+                                              preview), ``send`` (job done to its last
+                                              result accepted)
+``aiworker_build_info{version,python,variant}``  1, labelled with the package version, the
+                                              Python version and the image variant
+                                              (``AIWORKER_VARIANT``: cpu, cuda; else
+                                              ``source``)
 ============================================  =========================================
 
 Histograms are rebuilt from the jobs at each scrape (one observation per job), so
@@ -38,7 +49,10 @@ Histograms are rebuilt from the jobs at each scrape (one observation per job), s
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Iterable, Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -53,6 +67,7 @@ from prometheus_client.registry import Collector
 from aiworker.store.db import StateDB
 from aiworker.store.stats import NodeStats, read_stats
 
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 INFERENCE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 END_TO_END_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
@@ -81,9 +96,22 @@ def established_connections(port: int, tables: Iterable[Path] = TCP_TABLES) -> i
 def histogram(name: str, doc: str, values: list[float], buckets: tuple[float, ...]
               ) -> HistogramMetricFamily:
     """A histogram family of ``values`` (cumulative buckets, +Inf, sum)."""
-    cumulative = [(str(float(b)), sum(v <= b for v in values)) for b in buckets]
-    cumulative.append(("+Inf", len(values)))
+    cumulative = _cumulative(values, buckets)
     return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=sum(values))
+
+
+def _cumulative(values: list[float], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
+    return [(str(float(b)), sum(v <= b for v in values)) for b in buckets] + \
+        [("+Inf", len(values))]
+
+
+def build_info() -> GaugeMetricFamily:
+    """``aiworker_build_info``: 1, labelled with what was built and where it runs."""
+    family = GaugeMetricFamily("aiworker_build_info", "The running aiworker's build",
+                               labels=["version", "python", "variant"])
+    family.add_metric([version("aiworker"), platform.python_version(),
+                       os.environ.get("AIWORKER_VARIANT", "source")], 1)
+    return family
 
 
 class StateCollector(Collector):
@@ -98,6 +126,7 @@ class StateCollector(Collector):
         yield from self._receiving(stats)
         yield from self._stages(stats)
         yield from self._outbox(stats)
+        yield build_info()
 
     def _receiving(self, stats: NodeStats) -> Iterator[Metric]:
         yield CounterMetricFamily("aiworker_instances_received",
@@ -139,6 +168,12 @@ class StateCollector(Collector):
                         "Done jobs with every result sent: seconds from the study's first "
                         "instance received to the last result accepted",
                         stats.end_to_end_seconds, END_TO_END_BUCKETS)
+        stages = HistogramMetricFamily("aiworker_stage_seconds",
+                                       "Seconds spent in each stage of the node",
+                                       labels=["stage"])
+        for stage, values in stats.stage_seconds.items():
+            stages.add_metric([stage], _cumulative(values, STAGE_BUCKETS), sum(values))
+        yield stages
 
     def _outbox(self, stats: NodeStats) -> Iterator[Metric]:
         rows = GaugeMetricFamily("aiworker_outbox_rows", "Outbox rows by destination and state",
