@@ -1,5 +1,5 @@
 """The ``aiworker`` command line: serve, echo, send, status, select, infer, retry, resend,
-phantom, train-demo, demo.
+purge, phantom, train-demo, demo.
 
 Every command but ``phantom`` and ``demo`` takes ``--config FILE`` (default: the
 ``AIWORKER_CONFIG`` variable, else ``config/aiworker.yaml``), so ``docker exec ... aiworker
@@ -352,6 +352,56 @@ def _requeue_outbox(config: Path, job: str | None, study: str | None) -> int:
         return outbox.resend_dead() if job is None else outbox.resend_job(job)
     finally:
         db.close()
+
+
+@app.command()
+def purge(studies: Annotated[list[str] | None, typer.Argument(
+              help="Study Instance UIDs to forget now: their files, results and state.")] = None,
+          expired: Annotated[bool, typer.Option(
+              "--expired", help="Run retention now: remove every delivered study older than "
+                                "storage.retention_days (and the oldest ones while the disk "
+                                "is below storage.emergency_free_percent).")] = False,
+          force: Annotated[bool, typer.Option(
+              "--force", help="Also forget a study whose job is queued or running.")] = False,
+          config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Forget studies (spool, results, state rows), or apply retention now."""
+    from aiworker.store.layout import DataPaths
+    from aiworker.store.retention import (
+        PurgeRefused,
+        RetentionPolicy,
+        apply_retention,
+        open_tables,
+        purge_study,
+    )
+
+    if bool(studies) == expired:
+        err.print("purge: name STUDY_UID... or --expired", highlight=False)
+        raise typer.Exit(2)
+    cfg = _config(config)
+    db, paths = _node_db(config, "purge", "no studies yet"), DataPaths(cfg.storage.data_dir)
+    refused = 0
+    try:
+        open_tables(db)
+        if expired:
+            purged = apply_retention(db, paths, RetentionPolicy(
+                cfg.storage.retention_days, cfg.storage.emergency_free_percent))
+        else:
+            purged = []
+            for uid in studies or []:
+                try:
+                    purged.append(purge_study(db, paths, uid, "operator", force))
+                except PurgeRefused as exc:
+                    err.print(f"purge: {exc}", highlight=False, soft_wrap=True)
+                    refused += 1
+    finally:
+        db.close()
+    for gone in purged:
+        console.print(f"study {gone.study_uid} removed ({gone.reason}): {gone.instances} "
+                      f"instance(s), {gone.bytes} bytes, {gone.jobs} job(s)",
+                      highlight=False, soft_wrap=True)
+    if expired and not purged:
+        console.print("nothing to remove", highlight=False)
+    raise typer.Exit(1 if refused else 0)
 
 
 def _requeue_failed(ref: str, config: Path, command: str) -> None:

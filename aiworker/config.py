@@ -79,6 +79,13 @@ class Storage(_Section):
     data_dir: Path = Path("./var")
     min_free_mb: int = Field(1024, ge=0)
     fsync: bool = True
+    retention_days: float = Field(30.0, ge=0, description="a study whose results are all "
+                                  "delivered is removed (spool, results, state) this many "
+                                  "days after its last instance; 0 keeps every study")
+    emergency_free_percent: float = Field(10.0, ge=0, lt=100, description="below this much "
+                                          "free disk, the oldest delivered studies are removed "
+                                          "first, whatever their age; 0 turns it off")
+    retention_interval_s: float = Field(300.0, gt=0, description="how often retention runs")
 
 
 class Completion(_Section):

@@ -1,7 +1,7 @@
 """The running node: opens the store, reconciles it, starts the completion scheduler, the
-select stage, the infer stage, the outbox stage, the SCP and the web server (dashboard, API,
-health, metrics: :mod:`aiworker.web`; a web port in use stops ``aiworker serve`` with exit
-code 1).
+select stage, the infer stage, the outbox stage, retention (:mod:`aiworker.store.retention`),
+the SCP and the web server (dashboard, API, health, metrics: :mod:`aiworker.web`; a web port
+in use stops ``aiworker serve`` with exit code 1).
 
 At start every pipeline's model is resolved in the model registry (bundled models plus
 ``inference.models_dir``); an unknown model or an invalid manifest stops ``aiworker serve``
@@ -36,6 +36,7 @@ from aiworker.store.db import StateDB
 from aiworker.store.layout import DataPaths
 from aiworker.store.lock import DataFolderLock, FolderInUse
 from aiworker.store.reconcile import reconcile
+from aiworker.store.retention import RetentionPolicy, RetentionStage
 from aiworker.store.spool import Spool
 from aiworker.web.server import WebError, node_web_server
 
@@ -66,6 +67,10 @@ class Node:
             write_objects="aiworker.results.objects:write_job_objects",
             object_options=object_options(config), folder_lock=self.lock.shared()))
         self.outbox = OutboxStage(self.db, config, config.node.ae_title)
+        storage = config.storage
+        self.retention = RetentionStage(self.db, self.paths, RetentionPolicy(
+            storage.retention_days, storage.emergency_free_percent),
+            storage.retention_interval_s)
         self.receiver: Receiver | ReceiverProcesses
         if config.node.receive_processes > 1:
             self.receiver = ReceiverProcesses(config, self.lock.shared())
@@ -84,6 +89,7 @@ class Node:
         self.selector.start()
         self.inferrer.start()
         self.outbox.start()
+        self.retention.start()
         self.receiver.start()
         if self.web is not None:
             self.web.start()
@@ -96,6 +102,7 @@ class Node:
         self.selector.stop()
         self.inferrer.stop()
         self.outbox.stop()
+        self.retention.stop()
         self.db.close()
         self.lock.release()
 

@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +249,15 @@ class StateDB:
     def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Cursor]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on an error), for
+        the store modules that keep tables of their own."""
+        return self._transaction()
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """The rows of one read."""
+        return self._query(sql, params)
 
     # --- receiving ---------------------------------------------------------------------
 

@@ -34,6 +34,8 @@ class NodeStats:
     outbox: dict[str, dict[str, int]] = field(default_factory=dict)  # dest -> state -> rows
     outbox_failed_attempts: dict[str, int] = field(default_factory=dict)  # dest -> count
     stage_seconds: dict[str, list[float]] = field(default_factory=dict)  # stage -> durations
+    purged_studies: dict[str, int] = field(default_factory=dict)  # reason -> studies removed
+    purged_bytes: int = 0
 
     def outbox_depth(self, destination: str) -> int:
         """Rows of ``destination`` still to send (pending or sending)."""
@@ -57,7 +59,9 @@ def read_stats(db: StateDB) -> NodeStats:
     * ``outbox``: rows by destination and state; ``outbox_failed_attempts``: sends that
       failed, summed over rows (since each row was last queued: a resend starts afresh);
     * ``stage_seconds``: the durations of each stage (:data:`STAGES`; see
-      :func:`_stage_seconds`).
+      :func:`_stage_seconds`);
+    * ``purged_studies``/``purged_bytes``: studies removed by retention or an operator
+      (``study_purged`` events), by reason (age, disk, operator), and their bytes.
     """
     stats = NodeStats()
     (stats.instances, stats.bytes), = [tuple(r) for r in db._query(
@@ -83,6 +87,11 @@ def read_stats(db: StateDB) -> NodeStats:
             " FROM outbox GROUP BY destination", (SENT,)):
         stats.outbox_failed_attempts[row["destination"]] = int(row["n"] or 0)
     stats.stage_seconds = _stage_seconds(db)
+    for row in db._query("SELECT detail FROM events WHERE kind = ?", ("study_purged",)):
+        detail = json.loads(row["detail"] or "{}")
+        reason = detail.get("reason", "unknown")
+        stats.purged_studies[reason] = stats.purged_studies.get(reason, 0) + 1
+        stats.purged_bytes += int(detail.get("bytes", 0))
     return stats
 
 

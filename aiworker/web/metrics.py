@@ -37,6 +37,10 @@ dir was made.
                                               ``result_objects`` (SEG, SR, report, HL7,
                                               preview), ``send`` (job done to its last
                                               result accepted)
+``aiworker_studies_purged_total{reason}``    studies removed: ``age`` (storage.retention_days),
+                                              ``disk`` (emergency_free_percent),
+                                              ``operator`` (aiworker purge)
+``aiworker_purged_bytes_total``               the bytes of their instances
 ``aiworker_build_info{version,python,variant}``  1, labelled with the package version, the
                                               Python version and the image variant
                                               (``AIWORKER_VARIANT``: cpu, cuda; else
@@ -126,6 +130,7 @@ class StateCollector(Collector):
         yield from self._receiving(stats)
         yield from self._stages(stats)
         yield from self._outbox(stats)
+        yield from self._retention(stats)
         yield build_info()
 
     def _receiving(self, stats: NodeStats) -> Iterator[Metric]:
@@ -190,6 +195,17 @@ class StateCollector(Collector):
             depth.add_metric([destination], stats.outbox_depth(destination))
             failed.add_metric([destination], stats.outbox_failed_attempts.get(destination, 0))
         yield from (rows, depth, failed)
+
+    def _retention(self, stats: NodeStats) -> Iterator[Metric]:
+        purged = CounterMetricFamily("aiworker_studies_purged",
+                                     "Studies removed by retention or an operator",
+                                     labels=["reason"])
+        for reason, count in sorted(stats.purged_studies.items()):
+            purged.add_metric([reason], count)
+        yield purged
+        yield CounterMetricFamily("aiworker_purged_bytes",
+                                  "Bytes of the removed studies' instances",
+                                  value=stats.purged_bytes)
 
 
 def node_registry(db: StateDB, dicom_port: int) -> CollectorRegistry:
