@@ -7,6 +7,12 @@ syntax. The node stores it byte for byte, so it never decodes the pixels; it nee
 * a handful of header attributes for the state DB, and the assurance that the data set is
   whole (:func:`read_header`): pydicom walks every element but skips over large values
   (Pixel Data) without copying them, and the walk must end exactly at the last byte.
+
+pydicom's walk stops without a word where the data ends in the middle of an element's
+header, and reads a short value where it ends in a value, so "the walk ended at the last
+byte" alone lets a data set cut after its UIDs through. :func:`read_header` also holds every
+element to its own length (each value as long as its length says, the last element ending
+at the last byte) and the Pixel Data to the image's size (:mod:`aiworker.receive.pixels`).
 """
 
 from __future__ import annotations
@@ -17,18 +23,21 @@ import warnings
 import zlib
 from typing import BinaryIO
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittleEndian
 
 from aiworker import __version__
+from aiworker.receive.pixels import UNDEFINED_LENGTH, check_pixel_data
 
 IMPLEMENTATION_VERSION = f"AIWORKER_{__version__}"[:16]
 SKIP_VALUES_LONGER_THAN = 256  # bytes; such values are stepped over, never read
 
 
 class IncompleteDataSet(ValueError):
-    """The bytes received do not form a whole data set (truncated, or not DICOM at all)."""
+    """The bytes received do not form a whole data set (truncated, or not DICOM at all);
+    the message says where (it fits an Error Comment)."""
 
 
 def read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
@@ -41,7 +50,10 @@ def read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
     length = stream.tell()
     stream.seek(0)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.read())
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = inflater.decompress(stream.read())
+        if not inflater.eof:
+            raise IncompleteDataSet("deflated data set truncated")
         stream, length = io.BytesIO(inflated), len(inflated)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # garbage makes pydicom warn; we raise below
@@ -53,8 +65,26 @@ def read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
         )
     if stream.tell() != length:
         raise IncompleteDataSet(
-            f"data set elements end at byte {stream.tell()} of {length} received")
+            f"data set truncated: elements end at byte {stream.tell()} of {length}")
+    _check_element_lengths(ds, length)
+    check_pixel_data(ds, stream)
     return ds
+
+
+def _check_element_lengths(ds: Dataset, length: int) -> None:
+    """Every value read is as long as its element says, and the last element (when its
+    length is defined) ends at the last byte: else the data set was cut short."""
+    end: int | None = 0
+    for tag in ds.keys():  # in the order read
+        element = ds.get_item(tag, keep_deferred=True)
+        if isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH:
+            if element.value is not None and len(element.value) != element.length:
+                raise IncompleteDataSet(f"data set truncated in {element.tag}")
+            end = element.value_tell + element.length
+        else:  # an undefined length: pydicom read to its delimiter, or raised
+            end = None
+    if end is not None and end != length:
+        raise IncompleteDataSet("data set truncated between two elements")
 
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:

@@ -6,12 +6,25 @@ an Error Comment the sender can show:
 
 ========  ===============================================================
 0xA700    out of resources: free disk below ``storage.min_free_mb``, or the disk filled up
-0xC210    the data set cannot be decoded
-0xC211    Study, Series or SOP Instance UID missing or malformed
+0xA900    the data set does not match the SOP class (PS3.4 B.2.3): its SOP Class UID
+          differs from the command's or is missing, or an image storage instance has no
+          Pixel Data
+0xC210    cannot understand (PS3.4 B.2.3): the data set cannot be decoded, is truncated
+          anywhere, or its Pixel Data is shorter than the image or badly encapsulated
+0xC211    Study, Series or SOP Instance UID missing or malformed (never a path name)
 0xC212    the data set's SOP Instance UID differs from the command's
-0xC213    the spool write failed (I/O error)
+0xC213    the spool write failed (I/O error), or the file read back differs
 0xC214    the state DB could not record the instance
 ========  ===============================================================
+
+0xA700 and 0xA900 are the PS3.4 codes for their cases; 0xC210 to 0xC214 are codes of the
+"cannot understand" range, 0xC2xx being this node's. No warning status (0xB000, 0xB006,
+0xB007) is ever sent: nothing is coerced or discarded, the data set is stored as sent.
+
+A failed instance never replaces what the spool holds: a damaged resend of an instance
+already stored leaves the good copy (the event says ``kept_stored_copy``). A complete
+resend (same SOP Instance UID, whole and decodable) replaces the stored copy, as PS3.4
+leaves to the SCP, and is recorded as the instance's newest version.
 
 Every storage SOP class is accepted, private ones too, each in the first transfer syntax
 the sender proposes for it (pynetdicom's unrestricted storage service); the data set is
@@ -49,6 +62,7 @@ from aiworker.config import Config
 from aiworker.receive import fastpath
 from aiworker.receive.access import AllowList
 from aiworker.receive.dataset import IncompleteDataSet, part10_header, read_header
+from aiworker.receive.pixels import DamagedPixelData, has_pixel_data, is_image_storage
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
 from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
@@ -57,6 +71,7 @@ from aiworker.store.spool import InvalidUID, Spool
 log = logging.getLogger("aiworker.receive")
 
 OUT_OF_RESOURCES = 0xA700
+NOT_SOP_CLASS = 0xA900
 CANNOT_DECODE = 0xC210
 BAD_UIDS = 0xC211
 UID_MISMATCH = 0xC212
@@ -74,9 +89,24 @@ class StoreRefused(Exception):
 
 
 def _why_undecodable(exc: Exception) -> str:
-    if isinstance(exc, IncompleteDataSet):
-        return "data set truncated or not DICOM"
+    if isinstance(exc, IncompleteDataSet | DamagedPixelData):
+        return str(exc)
     return f"cannot decode data set: {type(exc).__name__}"
+
+
+def _check_sop_class(ds: Dataset, command_class: str) -> None:
+    """The data set is of the SOP class the command names, and an image has Pixel Data;
+    else :class:`StoreRefused` with 0xA900."""
+    element = ds.get_item(0x0008_0016)
+    value = element.value if element is not None else None
+    ds_class = (value.decode("ascii", "replace") if isinstance(value, bytes)
+                else str(value or "")).strip("\x00 ")
+    if not ds_class:
+        raise StoreRefused(NOT_SOP_CLASS, "missing SOPClassUID")
+    if ds_class != command_class:
+        raise StoreRefused(NOT_SOP_CLASS, "SOPClassUID differs from the command's")
+    if is_image_storage(ds_class) and not has_pixel_data(ds):
+        raise StoreRefused(NOT_SOP_CLASS, "image storage instance without Pixel Data")
 
 
 def _discard(writing: Future) -> None:
@@ -325,9 +355,11 @@ class Receiver:
         if sop_uid != request.AffectedSOPInstanceUID:
             raise StoreRefused(UID_MISMATCH, "SOPInstanceUID differs from the command's")
         try:
-            return self.spool.path_for(study_uid, series_uid, sop_uid), ds
+            path = self.spool.path_for(study_uid, series_uid, sop_uid)
         except InvalidUID as exc:
             raise StoreRefused(BAD_UIDS, str(exc)) from exc
+        _check_sop_class(ds, str(request.AffectedSOPClassUID))
+        return path, ds
 
     def _count(self, assoc: Any, status: str, size: int = 0) -> None:
         with self._stats_lock:
