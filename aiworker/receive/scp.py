@@ -273,17 +273,28 @@ class Receiver:
             record = self._store(event, calling)
         except StoreRefused as refused:
             self._count(event.assoc, f"0x{refused.status:04X}")
-            log.error("C-STORE refused from %s: 0x%04X %s (SOP instance %s)", calling,
-                      refused.status, refused.reason, event.request.AffectedSOPInstanceUID)
-            self.db.add_event("store_failed", sop_uid=str(event.request.AffectedSOPInstanceUID),
-                              status=f"0x{refused.status:04X}", reason=refused.reason,
-                              calling_ae=calling)
+            self._record_refusal(refused, str(event.request.AffectedSOPInstanceUID), calling)
             response = Dataset()
             response.Status = refused.status
             response.ErrorComment = refused.reason[:64]
             return response
         self._count(event.assoc, "0x0000", record.size)
         return 0x0000
+
+    def _record_refusal(self, refused: StoreRefused, sop_uid: str, calling: str) -> None:
+        """Log and record a refused C-STORE; say so when a good copy of the instance was
+        stored before (a damaged resend never replaces it)."""
+        try:
+            kept = self.db.stored_instance(sop_uid)
+        except Exception:  # the DB itself may be what failed
+            kept = None
+        log.error("C-STORE refused from %s: 0x%04X %s (SOP instance %s)%s", calling,
+                  refused.status, refused.reason, sop_uid,
+                  "; the copy stored before is kept" if kept else "")
+        self.db.add_event("store_failed", study_uid=kept and kept["study_uid"],
+                          series_uid=kept and kept["series_uid"], sop_uid=sop_uid,
+                          status=f"0x{refused.status:04X}", reason=refused.reason,
+                          calling_ae=calling, kept_stored_copy=kept is not None)
 
     def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
         """Write the instance to the spool and the DB, or raise :class:`StoreRefused`.

@@ -580,6 +580,12 @@ class StateDB:
                            (series_uid,))
         return [dict(r) for r in rows]
 
+    def stored_instance(self, sop_uid: str) -> dict[str, Any] | None:
+        """The stored instance of ``sop_uid`` (study_uid, series_uid, path), or None."""
+        rows = self._query("SELECT study_uid, series_uid, path FROM instances"
+                           " WHERE sop_uid = ? AND state = ?", (sop_uid, STORED))
+        return dict(rows[0]) if rows else None
+
     def events(self, kinds: tuple[str, ...] = (), limit: int = 100) -> list[dict[str, Any]]:
         """The newest events first, optionally only those of the given kinds."""
         sql = "SELECT * FROM events"

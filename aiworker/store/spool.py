@@ -3,12 +3,14 @@
 Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 A file is first written under a temporary name (``.incoming/.<random>.tmp``), fsynced, then
 renamed into place and the folder fsynced, so a ``*.dcm`` name always holds a whole file.
+Before the rename the temporary file is read back and compared with what was received.
 Readers only ever look at ``*.dcm``; leftover ``.*.tmp`` files, in ``.incoming/`` or stray
 in a series folder, are removed by the start-up reconcile.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -82,8 +84,10 @@ class Spool:
 
     def write_temporary(self, chunks: Iterable[bytes]) -> tuple[Path, int]:
         """Write ``chunks`` to a new temporary file in ``.incoming/`` (fsynced when fsync is
-        on); return its path and size. :meth:`commit` gives it its final name."""
+        on) and read it back; return its path and size. :meth:`commit` gives it its final
+        name. Raises ``OSError`` (EIO) when the file read back is not what was written."""
         temp = self.incoming / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        chunks = list(chunks)
         size = 0
         try:
             with self._create(temp) as handle:
@@ -94,6 +98,8 @@ class Spool:
                     handle.flush()
                     os.fsync(handle.fileno())
             self._free_bytes -= size
+            if not _reads_back(temp, chunks):
+                raise OSError(errno.EIO, "file read back differs", str(temp))
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -137,6 +143,12 @@ class Spool:
         """Leftovers of writes that a crash interrupted."""
         yield from self.incoming.glob(f".*{TEMP_SUFFIX}")
         yield from self.root.glob(f"*/*/.*{TEMP_SUFFIX}")
+
+
+def _reads_back(path: Path, chunks: list[bytes]) -> bool:
+    """The file at ``path`` holds exactly ``chunks``, one after the other."""
+    with open(path, "rb") as handle:
+        return all(handle.read(len(chunk)) == chunk for chunk in chunks) and not handle.read(1)
 
 
 def fsync_path(path: Path) -> None:
