@@ -243,8 +243,9 @@ HOSTILE_UIDS = {
 }
 for _keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
     for _name, _value in HOSTILE_UIDS.items():
-        CASES[f"{_keyword}_{_name}"] = Case(with_ds(hostile(_keyword, _value)), BAD_UIDS,
-                                            _keyword)
+        CASES[f"{_keyword}_{_name}"] = Case(
+            with_ds(hostile(_keyword, _value)), BAD_UIDS,
+            f"{_keyword} is not a valid UID: '1.2.3?4.5'" if _name == "nul_inside" else _keyword)
 
 
 def spool_snapshot(node) -> set[Path]:
@@ -276,6 +277,8 @@ def test_c_store_outcome(node, base_file: Path, tmp_path: Path, name: str) -> No
         assert comment.strip(), f"{name}: failure 0x{status:04X} without an Error Comment"
         assert case.comment in comment, f"{name}: Error Comment {comment!r}"
         assert len(comment) <= 64  # LO
+        assert isinstance(response.ErrorComment, str), "the Error Comment has several values"
+        assert all(" " <= c <= "~" for c in comment), f"{name}: {comment!r}"
         assert not [p for p in created if p.suffix == ".dcm"], f"{name}: stored {created}"
         assert node.spool_temporaries() == []
     # nothing ever lands outside the spool's UID folders

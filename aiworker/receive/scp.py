@@ -66,7 +66,7 @@ from aiworker.receive.pixels import DamagedPixelData, has_pixel_data, is_image_s
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
 from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
-from aiworker.store.spool import InvalidUID, Spool
+from aiworker.store.spool import InvalidUID, Spool, printable
 
 log = logging.getLogger("aiworker.receive")
 
@@ -276,7 +276,7 @@ class Receiver:
             self._record_refusal(refused, str(event.request.AffectedSOPInstanceUID), calling)
             response = Dataset()
             response.Status = refused.status
-            response.ErrorComment = refused.reason[:64]
+            response.ErrorComment = printable(refused.reason)[:64]  # LO: 64 characters
             return response
         self._count(event.assoc, "0x0000", record.size)
         return 0x0000

@@ -33,8 +33,14 @@ class InvalidUID(ValueError):
 def check_uid(uid: str, what: str) -> str:
     """Return ``uid`` if it is a well-formed DICOM UID, else raise :class:`InvalidUID`."""
     if not uid or len(uid) > 64 or not _UID.fullmatch(uid):
-        raise InvalidUID(f"{what} is not a valid UID: {uid[:80]!r}")
+        raise InvalidUID(f"{what} is not a valid UID: '{printable(uid[:80])}'")
     return uid
+
+
+def printable(text: str) -> str:
+    """``text`` with every character but printable ASCII (and the backslash, DICOM's value
+    separator) shown as ``?``: safe in a log line and in an Error Comment."""
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
 
 
 class Spool:
