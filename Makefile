@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean system-deps
+.PHONY: run test lint docs bench clean system-deps
 
 # scripts/install.sh is the one install, the image's too (Dockerfile): it makes the venv and
 # pip-installs the package into it (editable, with the test extras, here).
@@ -19,12 +19,16 @@ system-deps:
 	@sh scripts/system-deps.sh
 
 test: $(STAMP) system-deps
-	$(BIN)/ruff check aiworker tests bench
+	$(BIN)/ruff check aiworker tests bench docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/pytest -ra tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check aiworker tests bench
+	$(BIN)/ruff check aiworker tests bench docs
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/receive.py
