@@ -47,23 +47,35 @@ def test_defaults_load_from_shipped_yaml() -> None:
     assert config.storage.min_free_mb == 1024
     assert config.storage.fsync is True
     assert config.completion.series_stable_seconds == 10
-    assert set(config.destinations) == {"pacs", "ris"}
-    pacs = config.destinations["pacs"]
-    assert (pacs.kind, pacs.host, pacs.port, pacs.ae_title) == ("dicom", "127.0.0.1", 4242,
-                                                                "ORTHANC")
-    assert config.destinations["ris"].kind == "hl7"
-    assert config.destinations["ris"].port == 2575
+    assert config.destinations == {}  # a fresh node sends to no server that is not there
     [knee] = config.pipelines
     assert knee.name == "knee"
     assert knee.model == "knee-demo"
-    assert knee.send_to == ["pacs", "ris"]
+    assert knee.send_to == []
     assert knee.outputs == ["seg", "sr", "report", "hl7"]
     assert (config.web.host, config.web.port) == ("127.0.0.1", 8080)
     assert config.inference.device == "auto"
 
 
-def test_env_overrides_port_and_allowed_callers() -> None:
-    config = load_config(DEFAULT_CONFIG, environ={
+def test_the_shipped_example_destinations_load_once_uncommented(tmp_path) -> None:
+    """The commented PACS and RIS under destinations:, uncommented and named in send_to,
+    are a valid config, so the example an operator copies works as written."""
+    text = DEFAULT_CONFIG.read_text(encoding="utf-8")
+    text = re.sub(r"^destinations: \{\}.*\n(?:\s+#.*\n)*", "", text, flags=re.M)
+    text = re.sub(r"^# (destinations:|  \w+:\s+\{)", r"\1", text, flags=re.M)
+    text = text.replace("send_to: []", "send_to: [pacs, ris]")
+    config = load_config(write(tmp_path, text, "example.yaml"), environ={})
+    pacs, ris = config.destinations["pacs"], config.destinations["ris"]
+    assert (pacs.kind, pacs.host, pacs.port, pacs.ae_title) == \
+        ("dicom", "pacs.example.org", 104, "PACS")
+    assert (ris.kind, ris.host, ris.port) == ("hl7", "ris.example.org", 2575)
+    assert config.pipelines[0].send_to == ["pacs", "ris"]
+
+
+def test_env_overrides_port_and_allowed_callers(tmp_path) -> None:
+    config = load_config(write(tmp_path, DEFAULT_CONFIG.read_text(encoding="utf-8")
+                               .replace("destinations: {}", GOOD_DESTINATIONS.rstrip()),
+                               "with-pacs.yaml"), environ={
         "AIWORKER_NODE__PORT": "11113",
         "AIWORKER_NODE__ALLOWED_CALLERS": "[{ae_title: MRI1, host: 127.0.0.1}]",
         "AIWORKER_DESTINATIONS__PACS__PORT": "4343",
