@@ -72,19 +72,18 @@ def read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
 
 
 def _check_element_lengths(ds: Dataset, length: int) -> None:
-    """Every value read is as long as its element says, and the last element (when its
-    length is defined) ends at the last byte: else the data set was cut short."""
-    end: int | None = 0
-    for tag in ds.keys():  # in the order read
-        element = ds.get_item(tag, keep_deferred=True)
-        if isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH:
-            if element.value is not None and len(element.value) != element.length:
-                raise IncompleteDataSet(f"data set truncated in {element.tag}")
-            end = element.value_tell + element.length
-        else:  # an undefined length: pydicom read to its delimiter, or raised
-            end = None
-    if end is not None and end != length:
-        raise IncompleteDataSet("data set truncated between two elements")
+    """The last element read (when its length is defined) has all of its value and ends at
+    the last byte: else the data set was cut short. Only the last can be short, as a read
+    comes up short only at the end of the data."""
+    if not ds:
+        return
+    element = ds.get_item(next(reversed(ds.keys())), keep_deferred=True)
+    if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
+        return  # an undefined length: pydicom read to its delimiter, or raised
+    if element.value is not None and len(element.value) != element.length:
+        raise IncompleteDataSet(f"data set truncated in {element.tag}")
+    if element.value_tell + element.length != length:
+        raise IncompleteDataSet(f"data set truncated after {element.tag}")
 
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:

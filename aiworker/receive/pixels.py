@@ -88,14 +88,20 @@ def _check_encapsulated(stream: BinaryIO, start: int, frames: int) -> None:
 
 
 def _number(ds: Dataset, keyword: str, default: int = 0) -> int:
-    """An integer attribute (US or IS), ``default`` when absent or empty."""
-    try:
-        value = ds.get(keyword)
-    except (ValueError, TypeError, struct.error) as exc:
-        raise DamagedPixelData(f"{keyword} cannot be read") from exc
-    if value is None or value == "":
+    """An integer attribute (US or IS), ``default`` when absent or empty; read from the raw
+    bytes (a pydicom conversion costs ~10 us an element, on every C-STORE)."""
+    element = ds.get_item(keyword)
+    if element is None or not element.value:
         return default
+    value = element.value
     try:
-        return int(value)
+        if not isinstance(value, bytes):  # already converted
+            return int(value)
+        if keyword in _US:
+            return int.from_bytes(value[:2], "little" if element.is_little_endian else "big")
+        return int(value.decode("ascii").strip("\x00 "))
     except (ValueError, TypeError) as exc:
         raise DamagedPixelData(f"{keyword} is not a number") from exc
+
+
+_US = frozenset({"Rows", "Columns", "BitsAllocated", "SamplesPerPixel"})

@@ -153,8 +153,12 @@ class Spool:
 
 def _reads_back(path: Path, chunks: list[bytes]) -> bool:
     """The file at ``path`` holds exactly ``chunks``, one after the other."""
-    with open(path, "rb") as handle:
-        return all(handle.read(len(chunk)) == chunk for chunk in chunks) and not handle.read(1)
+    with open(path, "rb", buffering=0) as handle:
+        for chunk in chunks:
+            expected = bytes(chunk)  # a copy, but bytes == bytes is one memcmp (a memoryview
+            if handle.read(len(expected)) != expected:  # compares byte by byte: 20x slower)
+                return False
+        return not handle.read(1)
 
 
 def fsync_path(path: Path) -> None:
