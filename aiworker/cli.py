@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -53,11 +54,20 @@ def _show_version(asked: bool) -> None:
         raise typer.Exit(0)
 
 
+VERBOSE = threading.Event()  # --verbose: other libraries log at logging.level too
+
+
 @app.callback()
 def _main(version: Annotated[bool, typer.Option(
         "--version", callback=_show_version, is_eager=True,
-        help="Print the version and exit.")] = False) -> None:
+        help="Print the version and exit.")] = False,
+          verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Let the libraries (highdicom, pydicom, MONAI, ...) log at "
+                                "logging.level too, not only their warnings.")] = False,
+          ) -> None:
     """aiworker: DICOM network AI node for knee MRI."""
+    if verbose:
+        VERBOSE.set()
 
 
 def _config(path: Path) -> Config:
@@ -67,7 +77,9 @@ def _config(path: Path) -> Config:
         for line in exc.problems:  # plain print: one line per problem, never wrapped
             print(f"config error: {line}", file=sys.stderr)
         raise typer.Exit(2) from exc
-    logs.setup(config.logging.level, config.logging.json_lines)
+    if VERBOSE.is_set():
+        config.logging.verbose = True
+    logs.setup(config.logging.level, config.logging.format, config.logging.verbose)
     return config
 
 

@@ -204,8 +204,13 @@ class Inference(_Section):
 
 
 class Logging(_Section):
+    """How the node logs (to stderr; no patient data either way)."""
+
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    json_lines: bool = False
+    format: Literal["plain", "json"] = Field("plain", description="plain lines, or one JSON "
+                                             "object per line (stage, ids, duration)")
+    verbose: bool = Field(False, description="other libraries log at `level` too (else only "
+                                             "their warnings); the --verbose option")
 
 
 class Config(_Section):

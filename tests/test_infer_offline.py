@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,14 @@ def test_json_run_writes_labels_findings_and_timings_per_study(
         assert entry["device"] == "cpu" and entry["pipeline"] == "knee"
         assert_study_outputs(out, case, entry, "knee-tiny@0.0.1")
     assert sorted(p.name for p in out.iterdir()) == sorted(entries)
+    assert quiet_libraries(proc.stderr), proc.stderr
+
+
+def quiet_libraries(stderr: str) -> bool:
+    """Only aiworker's own loggers log below WARNING (the libraries keep quiet)."""
+    lines = [re.match(r"^\S+ \S+ (\w+) +([\w.]+): ", line) for line in stderr.splitlines()]
+    return all(m.group(2).split(".")[0] == "aiworker" or m.group(1) in ("WARNING", "ERROR")
+               for m in lines if m)
 
 
 def test_study_without_a_sagittal_pd_fs_is_reported_and_the_run_goes_on(

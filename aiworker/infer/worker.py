@@ -92,7 +92,8 @@ class WorkerSettings:
     threads: int = 1
     nice: int = 10
     log_level: str = "INFO"
-    json_lines: bool = False
+    log_format: str = "plain"
+    log_verbose: bool = False
     write_objects: str | None = None  # "module:function" writing a done job's result objects
     object_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per pipeline
     folder_lock: SharedLock | None = None  # the node's data folder lock, held by the process
@@ -109,7 +110,8 @@ def worker_settings(config: Config, models: dict[str, ModelSpec], results_dir: P
         models=models, results_dir=results_dir, device=config.inference.device,
         time_limit_s=config.inference.time_limit_s,
         threads=config.inference.threads or default_threads(), nice=config.inference.nice,
-        log_level=config.logging.level, json_lines=config.logging.json_lines,
+        log_level=config.logging.level, log_format=config.logging.format,
+        log_verbose=config.logging.verbose,
         write_objects=write_objects, object_options=object_options or {},
         folder_lock=folder_lock, min_free_mb=config.storage.min_free_mb)
 
@@ -225,12 +227,13 @@ class InferenceWorker:
             self.db.finish_job(job["job_id"], reply["findings"], timings, reply["device"],
                                reply["result_dir"])
             log.info("job %s done: model %s on %s, %s", job["job_id"], name, reply["device"],
-                     _show_timings(timings))
+                     _show_timings(timings), extra=_log_ids(job, timings))
         else:
             self.db.fail_job(job["job_id"], reply["error"], reply["kind"], timings,
                              reply.get("device"))
             log.warning("job %s failed (%s): model %s: %s; %s", job["job_id"], reply["kind"],
-                        name, reply["error"], _show_timings(timings))
+                        name, reply["error"], _show_timings(timings),
+                        extra=_log_ids(job, timings))
 
     def _request(self, job: dict[str, Any], spec: ModelSpec | None
                  ) -> tuple[dict[str, Any], float]:
@@ -327,6 +330,12 @@ class InferenceWorker:
 def _failure(kind: str, error: str) -> dict[str, Any]:
     """A failed job's reply made on the node's side."""
     return {"ok": False, "kind": kind, "error": error, "timings": {}}
+
+
+def _log_ids(job: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """The ids and duration a JSON log line of the job carries."""
+    return {"job_id": job["job_id"], "study_uid": job["study_uid"],
+            "series_uid": job["series_uid"], "duration_s": timings.get("total")}
 
 
 def _show_timings(timings: dict[str, float]) -> str:
@@ -428,7 +437,7 @@ def serve_jobs(conn: Connection, settings: WorkerSettings, parent_pid: int) -> N
     die_with_parent(parent_pid, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops us over the pipe
     os.nice(settings.nice)
-    logs.setup(settings.log_level, settings.json_lines)
+    logs.setup(settings.log_level, settings.log_format, settings.log_verbose)
     started = time.perf_counter()
     engines, broken = _load_engines(settings)
     try:

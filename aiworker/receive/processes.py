@@ -89,7 +89,7 @@ def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any,
 
     die_with_parent(parent_pid)
     config = Config.model_validate(config_data)
-    logs.setup(config.logging.level, config.logging.json_lines)
+    logs.setup(config.logging.level, config.logging.format, config.logging.verbose)
     paths = DataPaths(config.storage.data_dir)
     receiver = Receiver(config, Spool(paths.spool, fsync=config.storage.fsync),
                         StateDB(paths.db), shared_port=True)

@@ -39,7 +39,8 @@ class CompletionScheduler:
         """Complete what is due now; returns the series UIDs completed."""
         completed = self.db.complete_idle(time.time(), self.stable_seconds)
         for series_uid in completed:
-            log.info("series complete (idle %.0fs): %s", self.stable_seconds, series_uid)
+            log.info("series complete (idle %.0fs): %s", self.stable_seconds, series_uid,
+                     extra={"series_uid": series_uid})
         return completed
 
     def _run(self) -> None:
