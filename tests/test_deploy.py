@@ -12,13 +12,18 @@ every node config they ship through :func:`aiworker.config.load_config`.
 
 from __future__ import annotations
 
+import ast
 import copy
+import http.server
 import json
 import re
 import shlex
+import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +56,7 @@ from aiworker.select.rules import resolve_rules_path
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
+K8S_BASE = K8S / "base"  # the kustomize base; k8s/ itself and k8s/cuda build on it
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_CUDA = DEPLOY / "docker-compose.cuda.yml"
 ORTHANC_JSON = DEPLOY / "orthanc" / "orthanc.json"
@@ -79,12 +85,30 @@ def instructions(keyword: str) -> list[str]:
     return [args for key, args in dockerfile() if key == keyword]
 
 
-def image_env() -> dict[str, str]:
-    """The ENV the runtime stage sets (KEY=VALUE pairs, the last stage wins)."""
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """The instructions of each stage (``FROM ... AS name``), in order."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for key, args in dockerfile():
+        if key == "FROM":
+            current = found.setdefault(args.split()[-1], [])
+        current.append((key, args))
+    return found
+
+
+def image_env(stage: str = "runtime") -> dict[str, str]:
+    """The ENV a stage sets (KEY=VALUE pairs; the runtime stage's: the image's)."""
     env: dict[str, str] = {}
-    for args in instructions("ENV"):
-        env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
+    for key, args in stages()[stage]:
+        if key == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
     return env
+
+
+def stage_args(stage: str) -> dict[str, str]:
+    """The ARGs a stage declares, with their defaults (shell-unquoted; none: '')."""
+    declared = [args.partition("=") for key, args in stages()[stage] if key == "ARG"]
+    return {name: "".join(shlex.split(default)) for name, _, default in declared}
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path):
@@ -113,7 +137,8 @@ def test_the_image_is_multi_stage_slim_non_root_with_a_data_volume_and_both_port
     assert env["AIWORKER_WEB__HOST"] == env["AIWORKER_NODE__HOST"] == "0.0.0.0"
     assert "/opt/venv/bin" in env["PATH"].split(":")[0]
     assert json.loads(instructions("ENTRYPOINT")[0]) == ["aiworker"]
-    assert json.loads(instructions("CMD")[0]) == ["serve", "--config", IMAGE_CONFIG]
+    assert json.loads(instructions("CMD")[0]) == ["serve"]
+    assert env["AIWORKER_CONFIG"] == IMAGE_CONFIG  # every command, docker exec ... status too
     assert f"config/aiworker.yaml {IMAGE_CONFIG}" in instructions("COPY")
     assert "--from=build /opt/venv /opt/venv" in instructions("COPY")
 
@@ -184,6 +209,179 @@ def _answers(port: int) -> bool:
     except OSError:
         return False
     return True
+
+# --- hospital networks: a package mirror and an extra CA ----------------------------------
+
+PIP_MIRROR_ARGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST")
+BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's merged trust store
+LOCAL_CAS = "/usr/local/share/ca-certificates"
+
+
+def install_step_index(stage: list[tuple[str, str]]) -> int:
+    [index] = [i for i, (key, args) in enumerate(stage)
+               if key == "RUN" and "scripts/install.sh" in args]
+    return index
+
+
+def test_a_package_mirror_reaches_pip_as_build_args_the_image_does_not_keep():
+    """pip reads PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and PIP_TRUSTED_HOST from the
+    environment, which the build stage's ARGs are for its RUN steps: declared before the
+    install step, empty by default, and never ENV (a mirror's URL stays out of the image)."""
+    build = stages()["build"]
+    args = stage_args("build")
+    names = [key_args.partition("=")[0] for key, key_args in build[:install_step_index(build)]
+             if key == "ARG"]
+    for name in (*PIP_MIRROR_ARGS, "TORCH_INDEX_URL", "EXTRA_CA_CERT"):
+        assert name in names, f"ARG {name} before the install step"
+        assert args[name] == "", f"{name} empty by default"
+    for stage in stages():
+        assert not set(PIP_MIRROR_ARGS) & set(image_env(stage)), stage
+    assert not set(PIP_MIRROR_ARGS) & set(stage_args("runtime"))
+
+
+def pip_index_options(environ: dict[str, str]) -> tuple[str, list[str], list[str], str]:
+    """What this venv's pip install makes of ``environ``: index URL, extra index URLs,
+    trusted hosts, CA bundle."""
+    code = ("from pip._internal.commands import create_command\n"
+            "o, _ = create_command('install').parse_args([])\n"
+            "print(repr((o.index_url, o.extra_index_urls, o.trusted_hosts, o.cert)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent",
+                                           "PIP_CONFIG_FILE": "/dev/null", **environ})
+    assert proc.returncode == 0, proc.stderr
+    return ast.literal_eval(proc.stdout)
+
+
+def test_pip_takes_the_mirror_build_args_and_ignores_them_left_empty():
+    given = {"PIP_INDEX_URL": "https://mirror.example.org/pypi/simple",
+             "PIP_EXTRA_INDEX_URL": "https://mirror.example.org/extra/simple",
+             "PIP_TRUSTED_HOST": "mirror.example.org", "PIP_CERT": BUNDLE}
+    assert set(given) == {*PIP_MIRROR_ARGS, "PIP_CERT"}
+    assert pip_index_options(given) == (given["PIP_INDEX_URL"], [given["PIP_EXTRA_INDEX_URL"]],
+                                        ["mirror.example.org"], BUNDLE)
+    defaults = {name: stage_args("build")[name] for name in PIP_MIRROR_ARGS}
+    index, extra, trusted, _ = pip_index_options(defaults)
+    assert (index, extra, trusted) == ("https://pypi.org/simple", [], [])
+
+
+def test_both_stages_trust_the_merged_system_bundle():
+    build, runtime = image_env("build"), image_env("runtime")
+    assert build["PIP_CERT"] == build["REQUESTS_CA_BUNDLE"] == build["SSL_CERT_FILE"] == BUNDLE
+    assert runtime["REQUESTS_CA_BUNDLE"] == runtime["SSL_CERT_FILE"] == BUNDLE
+    stage = stages()["runtime"]
+    copy = stage.index(("COPY", f"--from=build {LOCAL_CAS}/ {LOCAL_CAS}/"))
+    [update] = [i for i, (key, args) in enumerate(stage)
+                if key == "RUN" and args.startswith("update-ca-certificates")]
+    [user] = [i for i, (key, _) in enumerate(stage) if key == "USER"]
+    assert copy < update < user  # as root, before the node's user takes over
+
+
+def openssl(*args: str | Path) -> None:
+    proc = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA (certificate, key) with common name ``name``."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", key, "-out", cert)
+    return cert, key
+
+
+def make_server_cert(folder: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    """A certificate for localhost signed by ``ca``."""
+    cert, key, csr = folder / "server.pem", folder / "server.key", folder / "server.csr"
+    ext = folder / "ext.cnf"
+    ext.write_text("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", key,
+            "-out", csr)
+    openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+            "-days", "2", "-extfile", ext, "-out", cert)
+    return cert, key
+
+
+def run_ca_step(tmp_path: Path, pem: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The build stage's extra-CA RUN step, run here with sh and the real
+    update-ca-certificates on folders under tmp_path instead of the system's; returns the
+    merged bundle it wrote."""
+    [step] = [args for key, args in stages()["build"]
+              if key == "RUN" and "EXTRA_CA_CERT" in args]
+    local, etc, hooks = tmp_path / "local", tmp_path / "etc", tmp_path / "hooks"
+    for folder in (local, etc, hooks):
+        folder.mkdir()
+    update = (f"update-ca-certificates --certsconf /etc/ca-certificates.conf "
+              f"--localcertsdir {local} --etccertsdir {etc} --hooksdir {hooks}")
+    script = (step.replace(LOCAL_CAS, str(local)).replace("/tmp/extra-ca.pem",
+                                                          str(tmp_path / "extra-ca.pem"))
+              .replace("update-ca-certificates", update))
+    proc = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "EXTRA_CA_CERT": pem})
+    assert proc.returncode == 0, proc.stderr
+    return etc / "ca-certificates.crt", proc
+
+
+def https_get_status(port: int, bundle: Path) -> int:
+    """Exit status of urllib fetching https://localhost:port/ in a fresh Python whose
+    SSL_CERT_FILE is ``bundle``, as in the image (0 when the certificate is trusted)."""
+    code = (f"import urllib.request; urllib.request.urlopen('https://localhost:{port}/', "
+            f"timeout=10)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          env={"SSL_CERT_FILE": str(bundle)}).returncode
+
+
+needs_update_ca = pytest.mark.skipif(
+    shutil.which("update-ca-certificates", path="/usr/sbin:/usr/bin") is None
+    or not Path("/etc/ca-certificates.conf").is_file() or shutil.which("openssl") is None,
+    reason="needs Debian's update-ca-certificates and openssl")
+
+
+@needs_update_ca
+def test_extra_ca_certificates_join_the_trust_store_and_python_then_trusts_their_servers(
+        tmp_path):
+    """EXTRA_CA_CERT holding two PEM certificates: each becomes a .crt of its own, the merged
+    bundle has both beside the system's, and a Python pointed at it by SSL_CERT_FILE trusts a
+    TLS server whose certificate the hospital's CA signed (and did not before)."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    hospital = make_ca(certs, "Hospital Root CA")
+    proxy, _ = make_ca(certs, "Inspecting Proxy CA")
+    pem = hospital[0].read_text() + proxy.read_text()
+    bundle, proc = run_ca_step(tmp_path, pem)
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == \
+        ["aiworker-extra-1.crt", "aiworker-extra-2.crt"]
+    assert (tmp_path / "local" / "aiworker-extra-1.crt").read_text().strip() == \
+        hospital[0].read_text().strip()
+    merged = bundle.read_text()
+    assert hospital[0].read_text().strip() in merged and proxy.read_text().strip() in merged
+    assert merged.count("BEGIN CERTIFICATE") > 2  # the system's CAs stay
+    for n in (1, 2):  # each has its link in the certificate folder (OpenSSL's CApath)
+        assert (bundle.parent / f"aiworker-extra-{n}.pem").resolve() == \
+            (tmp_path / "local" / f"aiworker-extra-{n}.crt").resolve()
+
+    server_cert, server_key = make_server_cert(certs, hospital)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server_cert, server_key)
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = httpd.server_address[1]
+        assert https_get_status(port, bundle) == 0
+        assert https_get_status(port, Path("/etc/ssl/certs/ca-certificates.crt")) != 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@needs_update_ca
+def test_no_extra_ca_leaves_the_trust_store_alone(tmp_path):
+    bundle, proc = run_ca_step(tmp_path, "")
+    assert list((tmp_path / "local").iterdir()) == [] and not bundle.exists()
+    assert proc.stdout == ""
 
 
 def dockerignore_allows(path: str) -> bool:
@@ -380,6 +578,30 @@ def compose_environment() -> dict[str, str]:
     return env
 
 
+def test_compose_takes_each_variable_from_the_host_under_its_own_name():
+    """``AIWORKER_WEB__TOKEN=... docker compose up`` sets the node's AIWORKER_WEB__TOKEN (one
+    name on both sides, the config's AIWORKER_<SECTION>__<KEY>), and the build args come
+    from host variables named as the Dockerfile's ARGs."""
+    node = compose()["services"]["aiworker"]
+    for key, value in node["environment"].items():
+        host = re.fullmatch(r"\$\{(\w+):-[^}]*\}", str(value))
+        assert host is None or host.group(1) == key, (key, value)
+    assert node["environment"]["AIWORKER_WEB__TOKEN"] == "${AIWORKER_WEB__TOKEN:-}"
+    build_args = stage_args("build")
+    forwarded = {k: v for k, v in node["build"]["args"].items() if k != "VARIANT"}
+    assert set(forwarded) == {*PIP_MIRROR_ARGS, "TORCH_INDEX_URL", "EXTRA_CA_CERT"}
+    for key, value in forwarded.items():
+        assert value == f"${{{key}:-}}" and key in build_args, key
+
+
+def test_the_compose_node_reads_the_mounted_config_for_every_command():
+    node = compose()["services"]["aiworker"]
+    assert "command" not in node  # the image's CMD: serve, reading AIWORKER_CONFIG
+    config = compose_environment()["AIWORKER_CONFIG"]
+    assert (DEPLOY / volume_targets(node)[config]).resolve() == \
+        DEPLOY / "aiworker.compose.yaml"
+
+
 def test_the_compose_node_config_is_a_valid_node_config():
     config = load_config(DEPLOY / "aiworker.compose.yaml", environ=compose_environment())
     assert str(config.storage.data_dir) == "/data"
@@ -513,10 +735,26 @@ def kustomization(folder: Path) -> dict[str, Any]:
     return yaml.safe_load((folder / "kustomization.yaml").read_text())
 
 
+def generated_configmaps(folder: Path = K8S_BASE) -> list[dict[str, Any]]:
+    """The ConfigMaps of a kustomization's configMapGenerator, as kustomize makes them but
+    named without the content hash it appends (and writes into what references them): one
+    data key per file, its name the file's, its text the file's."""
+    maps = []
+    for generator in kustomization(folder).get("configMapGenerator", []):
+        assert set(generator) <= {"name", "files", "options"}, generator
+        data = {Path(f).name: (folder / f).read_text() for f in generator["files"]}
+        labels = generator.get("options", {}).get("labels", {})
+        maps.append({"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": generator["name"], "labels": labels},
+                     "data": data})
+    return maps
+
+
 def base_resources() -> list[dict[str, Any]]:
-    """Every resource the base kustomization lists, in order."""
-    return [doc for name in kustomization(K8S)["resources"]
-            for doc in k8s_documents(K8S / name)]
+    """Every resource the base kustomization lists, in order, then the ConfigMaps it
+    generates."""
+    return [doc for name in kustomization(K8S_BASE)["resources"]
+            for doc in k8s_documents(K8S_BASE / name)] + generated_configmaps()
 
 
 def resource(kind: str, name: str, resources: list[dict[str, Any]] | None = None,
@@ -537,13 +775,27 @@ def validate_k8s(doc: dict[str, Any]) -> None:
 
 
 def test_the_base_kustomization_lists_every_manifest_in_the_folder():
-    listed = kustomization(K8S)["resources"]
-    on_disk = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    listed = kustomization(K8S_BASE)["resources"]
+    generated = [f for g in kustomization(K8S_BASE)["configMapGenerator"] for f in g["files"]]
+    assert generated == ["aiworker.yaml"]  # the node's config, not a manifest
+    on_disk = sorted(p.name for p in K8S_BASE.glob("*.yaml")
+                     if p.name not in ("kustomization.yaml", *generated))
     assert sorted(listed) == on_disk
     kinds = sorted((r["kind"], r["metadata"]["name"]) for r in base_resources())
     assert kinds == [("ConfigMap", "aiworker-config"), ("Deployment", "aiworker"),
-                     ("PersistentVolumeClaim", "aiworker-data"), ("Service", "aiworker"),
-                     ("Service", "aiworker-dicom")]
+                     ("NetworkPolicy", "aiworker"), ("PersistentVolumeClaim", "aiworker-data"),
+                     ("Service", "aiworker"), ("Service", "aiworker-dicom")]
+    # the name keeps kustomize's content hash, so an edited config rolls the pod
+    assert not kustomization(K8S_BASE).get("generatorOptions", {}).get("disableNameSuffixHash")
+
+
+def test_kubectl_apply_k_of_the_k8s_folder_and_the_cuda_overlay_both_build_on_the_base():
+    """A kustomize base may not contain its overlays (kustomize refuses the cycle), so the
+    base has its own folder; deploy/k8s itself is the CPU setup on top of it."""
+    assert kustomization(K8S)["resources"] == ["base"]
+    assert not (set(kustomization(K8S)) - {"apiVersion", "kind", "resources"})
+    assert kustomization(K8S / "cuda")["resources"] == ["../base"]
+    assert sorted(p.name for p in K8S.glob("*.yaml")) == ["kustomization.yaml"]
 
 
 def test_every_base_manifest_validates_against_the_kubernetes_schemas():
@@ -564,7 +816,8 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 def configmap_config(environ: dict[str, str] | None = None) -> Config:
-    """The ConfigMap's aiworker.yaml through load_config, with ``environ`` on top."""
+    """The generated ConfigMap's aiworker.yaml through load_config, with ``environ`` on
+    top."""
     text = resource("ConfigMap", "aiworker-config")["data"]["aiworker.yaml"]
     return load_config_text(text, environ or {})
 
@@ -590,7 +843,9 @@ def test_the_deployment_runs_the_image_as_configured_with_probes_and_a_volume():
     config = configmap_config()
     assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
     assert main["image"] == "aiworker:cpu"
-    assert main["args"] == json.loads(instructions("CMD")[0])
+    assert main["args"] == json.loads(instructions("CMD")[0]) == ["serve"]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["AIWORKER_CONFIG"] == image_env()["AIWORKER_CONFIG"] == IMAGE_CONFIG
 
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     assert ports == {"dicom": config.node.port, "web": config.web.port}
@@ -656,7 +911,7 @@ def cuda_deployment() -> dict[str, Any]:
     """The aiworker Deployment as `kubectl apply -k deploy/k8s/cuda` renders it: the base
     one, its patch applied, its image retagged."""
     overlay = kustomization(K8S / "cuda")
-    assert overlay["resources"] == ["../"]
+    assert overlay["resources"] == ["../base"]
     [patch] = overlay["patches"]
     assert patch["target"] == {"group": "apps", "version": "v1", "kind": "Deployment",
                                "name": "aiworker"}
@@ -683,3 +938,84 @@ def test_the_cuda_overlay_asks_for_one_gpu_and_runs_the_cuda_image():
         deployment["spec"]["template"]["spec"]["tolerations"]
     config = configmap_config({k: v for k, v in env.items() if v is not None})
     assert config.inference.device == "cuda"
+
+
+def test_the_network_policy_lets_dicom_in_from_anywhere_web_from_two_namespaces_only():
+    """Ingress: the DICOM port from anywhere, the web port only from the monitoring and
+    ingress controller namespaces; egress: DNS and every destination port of the config."""
+    policy = resource("NetworkPolicy", "aiworker")
+    validate_k8s(policy)
+    spec, deployment = policy["spec"], resource("Deployment", "aiworker")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    config = configmap_config()
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+
+    def port_numbers(rule: dict[str, Any]) -> set[int]:
+        return {ports.get(p["port"], p["port"]) for p in rule["ports"]}
+
+    dicom, web = spec["ingress"]
+    assert "from" not in dicom and port_numbers(dicom) == {config.node.port}
+    assert port_numbers(web) == {config.web.port}
+    namespaces = [peer["namespaceSelector"]["matchLabels"] for peer in web["from"]]
+    assert namespaces == [{"kubernetes.io/metadata.name": "monitoring"},
+                          {"kubernetes.io/metadata.name": "ingress-nginx"}]
+    assert all(set(peer) == {"namespaceSelector"} for peer in web["from"])
+
+    dns, destinations = spec["egress"]
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    [peer] = dns["to"]
+    assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert port_numbers(destinations) == {d.port for d in config.destinations.values()}
+    assert all(p["protocol"] == "TCP" for p in destinations["ports"])
+
+
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
+                                   reason="kubectl (its built-in kustomize) is not installed")
+
+
+def kubectl_kustomize(folder: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize folder``: what ``kubectl apply -k`` would send."""
+    proc = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def rendered_config_name(docs: list[dict[str, Any]]) -> str:
+    """The generated ConfigMap's name, after checking the Deployment mounts that one."""
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    return configmap["metadata"]["name"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("folder", [K8S, K8S / "cuda"], ids=["cpu", "cuda"])
+def test_kustomize_builds_each_setup_with_the_generated_config_mounted(folder):
+    docs = kubectl_kustomize(folder)
+    for doc in docs:
+        validate_k8s(doc)
+    name = rendered_config_name(docs)
+    assert re.fullmatch(r"aiworker-config-[a-z0-9]{10}", name)
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert configmap["data"] == generated_configmaps()[0]["data"]
+    assert {d["kind"] for d in docs} >= {"Deployment", "NetworkPolicy", "Service",
+                                         "PersistentVolumeClaim"}
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    expected = cuda_deployment() if folder.name == "cuda" else resource("Deployment", "aiworker")
+    assert container(deployment)["image"] == container(expected)["image"]
+    assert container(deployment)["resources"] == container(expected)["resources"]
+
+
+@needs_kubectl
+def test_an_edited_config_gets_a_new_configmap_name_so_the_pod_rolls(tmp_path):
+    shutil.copytree(K8S, tmp_path / "k8s")
+    before = rendered_config_name(kubectl_kustomize(tmp_path / "k8s"))
+    config = tmp_path / "k8s" / "base" / "aiworker.yaml"
+    config.write_text(config.read_text().replace("series_stable_seconds: 10",
+                                                 "series_stable_seconds: 20"))
+    after = rendered_config_name(kubectl_kustomize(tmp_path / "k8s"))
+    assert after != before and after.startswith("aiworker-config-")
