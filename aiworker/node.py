@@ -16,6 +16,7 @@ subprocess, so what they exercise is what operators run.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sqlite3
@@ -136,7 +137,12 @@ def serve(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
         node.stop()
         raise SystemExit(1) from exc
     except (OSError, RuntimeError) as exc:
-        log.error("cannot start receiving on %s:%d: %s", config.node.host, config.node.port, exc)
+        where = f"{config.node.host}:{config.node.port}"
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            log.error("the DICOM port %s is in use by another process: stop it, or set "
+                      "node.port (AIWORKER_NODE__PORT)", where)
+        else:
+            log.error("cannot start receiving on %s: %s", where, exc)
         node.stop()
         raise SystemExit(1) from exc
     on_ready()

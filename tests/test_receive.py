@@ -58,6 +58,16 @@ def test_serve_prints_how_to_use_it(node) -> None:
 
 
 @needs_dcmtk
+def test_a_dicom_port_in_use_stops_serve_with_one_clear_line(node, node_factory) -> None:
+    second = node_factory("second", start=False, node={"port": node.port})
+    proc = second.cli("serve", "--config", str(second.config_path))
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"the DICOM port 127.0.0.1:{node.port} is in use by another process: stop it, or set "
+        "node.port (AIWORKER_NODE__PORT)")
+
+
 def test_store_study_with_storescu(node, make_study) -> None:
     study = make_study(series=3, slices=5)
     proc = storescu(node, study.root)
