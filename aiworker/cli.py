@@ -745,17 +745,21 @@ def phantom(
         descriptions=None if descriptions == "random" else descriptions,
         plain_descriptions_probability=plain_descriptions, max_oblique=max_oblique,
         patient_name=patient_name, overrides=Overrides(roles, matrix, slices), truth=truth)
-    for index in range(cases):
-        case_dir = out_dir / f"case-{index:04d}"
-        try:
-            study = write_study(case_dir, replace(options, seed=seed + index))
-        except (ValueError, RuntimeError) as exc:  # a bad option; an encoder not installed
-            err.print(f"phantom: {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from exc
-        acl_state = "torn" if study.case.acl_torn else "intact"
-        console.print(f"{case_dir}: {study.plan.vendor.key} {study.plan.scanner.model}, "
-                      f"{len(study.series)} series, {len(study.files)} files, "
-                      f"{study.case.side} knee, ACL {acl_state}", highlight=False, soft_wrap=True)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("writing studies", total=cases)
+        for index in range(cases):
+            case_dir = out_dir / f"case-{index:04d}"
+            try:
+                study = write_study(case_dir, replace(options, seed=seed + index))
+            except (ValueError, RuntimeError) as exc:  # a bad option; an encoder missing
+                err.print(f"phantom: {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from exc
+            acl_state = "torn" if study.case.acl_torn else "intact"
+            console.print(f"{case_dir}: {study.plan.vendor.key} {study.plan.scanner.model},"
+                          f" {len(study.series)} series, {len(study.files)} files, "
+                          f"{study.case.side} knee, ACL {acl_state}", highlight=False,
+                          soft_wrap=True)
+            bar.advance(task)
 
 
 @app.command()
