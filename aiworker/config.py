@@ -120,12 +120,24 @@ class DicomDestination(_Section):
     port: Port
     ae_title: AETitle
     accepts: list[DicomObject] = Field(["seg", "sr", "sc"], min_length=1)
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect to the PACS")
+    acse_timeout_s: float = Field(30.0, gt=0, description="wait for the association's answer")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="wait for each C-STORE response "
+                                                           "(and the longest silence)")
+    retry_horizon_h: float | None = Field(None, gt=0, description="keep retrying a failing "
+                                          "object this long (None: dispatch.max_age_h)")
 
 
 class HL7Destination(_Section):
+    """A RIS that receives the ORU^R01 over MLLP."""
+
     kind: Literal["hl7"]
     host: str
     port: Port
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect to the RIS")
+    ack_timeout_s: float = Field(30.0, gt=0, description="wait for the ACK after sending")
+    retry_horizon_h: float | None = Field(None, gt=0, description="keep retrying a failing "
+                                          "message this long (None: dispatch.max_age_h)")
 
 
 Destination = Annotated[DicomDestination | HL7Destination, Field(discriminator="kind")]
@@ -159,10 +171,11 @@ class Dispatch(_Section):
     """How the outbox sends results: retry backoff, when to give up, batch and timeouts."""
 
     retry_base_s: float = Field(5.0, gt=0, description="first retry after about this long")
-    retry_cap_s: float = Field(600.0, gt=0, description="longest wait between attempts")
+    retry_cap_s: float = Field(900.0, gt=0, description="longest wait between attempts")
     max_age_h: float = Field(24.0, gt=0, description="a row failing this long is dead")
     batch_size: int = Field(64, ge=1, le=64, description="objects per association")
-    timeout_s: float = Field(30.0, gt=0, description="network timeout of one send")
+    timeout_s: float = Field(30.0, gt=0, description="how long stopping waits for a send"
+                                                      " (destinations set their own)")
     interval_s: float = Field(1.0, gt=0, description="how often due rows are sent")
 
 

@@ -330,7 +330,7 @@ def test_a_permanent_failure_is_dead_at_once(db, scp, objects, tmp_path):
 
 @pytest.mark.parametrize(("status", "state"), [
     (0x0000, SENT), (0x0001, SENT), (0xB000, SENT), (0xB007, SENT),
-    (0xA700, RETRY), (0x0122, RETRY), (0x0124, RETRY), (0xA900, DEAD), (0xC000, DEAD),
+    (0xA700, RETRY), (0x0122, DEAD), (0x0124, RETRY), (0xA900, DEAD), (0xC000, DEAD),
     (0xC123, DEAD),
 ])
 def test_cstore_status_rules(status, state):

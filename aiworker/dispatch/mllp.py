@@ -9,6 +9,10 @@ framed the same way. What the outbox does next follows from the reply:
   (connection refused or reset, no answer within the timeout, an unreadable reply);
 * ``dead``: MSA-1 is AR or CR (rejected: sending the same message again cannot succeed).
 
+An ACK counts only for the message it names: when its MSA-2 is not the message's control
+ID (MSH-10), whatever its MSA-1, the attempt failed (``retry``, "ACK for control ID X,
+expected Y") - the receiver may have answered another sender's or an earlier message.
+
 The client is one blocking call on one connection, without threads of its own; retries
 and their backoff are the outbox's business. :class:`MllpReceiver` is the other end, small
 and threaded: the stand-in RIS of ``aiworker demo``, the benchmarks and the tests.
@@ -50,14 +54,15 @@ def frame(message: str) -> bytes:
     return START + message.encode("utf-8") + END
 
 
-def send_mllp(host: str, port: int, message: str, timeout_s: float) -> Delivery:
-    """Send ``message`` to ``host:port`` and wait at most ``timeout_s`` seconds in all
-    for its ACK."""
-    deadline = time.monotonic() + timeout_s
+def send_mllp(host: str, port: int, message: str, timeout_s: float,
+              connect_timeout_s: float | None = None) -> Delivery:
+    """Send ``message`` to ``host:port`` (connecting within ``connect_timeout_s``, by
+    default ``timeout_s``) and wait at most ``timeout_s`` seconds for its ACK."""
     try:
-        sock = socket.create_connection((host, port), timeout=timeout_s)
+        sock = socket.create_connection((host, port), timeout=connect_timeout_s or timeout_s)
     except OSError as error:
         return Delivery(RETRY, reason=f"cannot reach {host}:{port}: {_why(error)}")
+    deadline = time.monotonic() + timeout_s
     try:
         with sock:
             sock.sendall(frame(message))
@@ -72,10 +77,27 @@ def send_mllp(host: str, port: int, message: str, timeout_s: float) -> Delivery:
         code, text = parse_ack(reply)
     except ValueError as error:
         return Delivery(RETRY, reason=f"unreadable acknowledgment: {error}")
+    expected, acked = control_id(message, "MSH", 10), control_id(reply, "MSA", 2)
+    if acked != expected:
+        return Delivery(RETRY, code, f"ACK for control ID {acked or '(none)'}, "
+                                     f"expected {expected}")
     outcome = OUTCOMES[code]
     if outcome == DELIVERED:
         return Delivery(outcome, code)
     return Delivery(outcome, code, f"{code} from the receiver" + (f": {text}" if text else ""))
+
+
+def control_id(message: str, segment: str, field: int) -> str:
+    """Field ``field`` of the first ``segment`` of an ER7 message (MSH-10 is the control
+    ID, MSA-2 the control ID an ACK answers); empty when absent."""
+    text = message.strip("\x0b\x1c\r\n").replace("\r\n", "\r").replace("\n", "\r")
+    separator = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
+    for line in text.split("\r"):
+        if line.startswith(segment + separator):
+            fields = line.split(separator)
+            index = field - 1 if segment == "MSH" else field  # MSH-1 is the separator itself
+            return fields[index].strip() if index < len(fields) else ""
+    return ""
 
 
 def _why(error: OSError) -> str:
@@ -116,8 +138,9 @@ class MllpReceiver:
     :func:`ack_for`. :meth:`close` stops accepting."""
 
     def __init__(self, answer: Callable[[str], tuple[str, str]] = lambda _: ("AA", ""),
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", acked_id: Callable[[str], str] | None = None):
         self.answer = answer
+        self.acked_id = acked_id  # MSA-2 to answer with (tests: a wrong one); None = MSH-10
         self.sock = socket.create_server((host, 0))
         self.port: int = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True, name="mllp-receiver").start()
@@ -144,6 +167,20 @@ class MllpReceiver:
                     while END in buffer:
                         body, buffer = buffer.split(END, 1)
                         message = body[body.find(START) + 1:].decode("utf-8", errors="replace")
-                        conn.sendall(frame(ack_for(message, *self.answer(message))))
+                        ack = ack_for(message, *self.answer(message))
+                        if self.acked_id is not None:
+                            ack = _with_msa2(ack, self.acked_id(message))
+                        conn.sendall(frame(ack))
             except OSError:  # the sender went away or went quiet
                 return
+
+
+def _with_msa2(ack: str, acked: str) -> str:
+    """``ack`` with its MSA-2 replaced by ``acked``."""
+    lines = ack.split("\r")
+    for n, line in enumerate(lines):
+        if line.startswith("MSA|"):
+            fields = line.split("|")
+            fields[2] = acked
+            lines[n] = "|".join(fields)
+    return "\r".join(lines)

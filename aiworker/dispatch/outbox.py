@@ -12,12 +12,19 @@ per (SOP class, transfer syntax) of the batch's files with the file's own transf
 first and explicit and implicit VR little endian as fallbacks. Outcome rules:
 
 * status 0x0000 or a warning (0x0001, 0xBxxx): ``sent``;
-* 0xA9xx (data set does not match SOP class) and 0xCxxx (cannot understand): ``dead`` -
-  the same bytes would fail the same way;
-* any other failure status (0xA7xx out of resources, 0x0122 SOP class refused, ...), no
-  response, no accepted presentation context, or an association that was rejected,
-  aborted or never made: ``retry`` (for every file not yet answered), until the retry
-  policy's maximum age makes the row dead;
+* 0xA9xx (data set does not match SOP class), 0xCxxx (cannot understand) and 0x0122
+  (SOP class not supported): ``dead`` - the same bytes would fail the same way;
+* a SOP class the receiver rejected in the association negotiation (no accepted
+  presentation context for it): ``dead`` for its files, naming the abstract syntax
+  ("PACS rejected Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4)"); the files of the
+  classes it accepted are sent (a SEG rejected, the SR still goes);
+* any other failure status (0xA7xx out of resources, ...), no response, or an association
+  that was rejected, aborted or never made: ``retry`` (for every file not yet answered),
+  until the destination's retry horizon makes the row dead;
+
+Timeouts are the destination's: ``connect_timeout_s`` (TCP connect), ``acse_timeout_s``
+(the A-ASSOCIATE answer: a single-association PACS still busy with a dead peer's association
+answers nothing) and ``dimse_timeout_s`` (each C-STORE response, and the longest silence);
 * an object file that is missing or not DICOM: ``dead``.
 
 HL7 (:func:`send_hl7`): each path is a message file sent with
@@ -39,7 +46,7 @@ from typing import Any
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from aiworker.dispatch.mllp import DELIVERED, send_mllp
@@ -77,13 +84,33 @@ def dicom_status_outcome(status: int) -> Outcome:
     """The outcome of one C-STORE response status (see the module's rules)."""
     if status == 0x0000 or status == 0x0001 or status & 0xF000 == 0xB000:
         return Outcome(SENT)
-    permanent = status & 0xFF00 == 0xA900 or status & 0xF000 == 0xC000
+    permanent = (status & 0xFF00 == 0xA900 or status & 0xF000 == 0xC000
+                 or status == 0x0122)
     return Outcome(DEAD if permanent else RETRY, f"C-STORE status 0x{status:04X}")
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """The timeouts of one send, in seconds."""
+
+    connect: float = 10.0
+    acse: float = 30.0
+    dimse: float = 60.0
+
+    @classmethod
+    def of(cls, destination: Any, override: float | None = None) -> Timeouts:
+        """The destination's timeouts (its ``*_timeout_s``), or ``override`` for each."""
+        if override is not None:
+            return cls(override, override, override)
+        return cls(getattr(destination, "connect_timeout_s", cls.connect),
+                   getattr(destination, "acse_timeout_s", cls.acse),
+                   getattr(destination, "dimse_timeout_s", cls.dimse))
+
+
 def send_dicom(destination: Any, paths: Sequence[str], calling_ae: str = "AIWORKER",
-               timeout_s: float = 30.0) -> list[Outcome]:
-    """C-STORE ``paths`` to ``destination`` (host, port, ae_title) over one association."""
+               timeout_s: float | None = None) -> list[Outcome]:
+    """C-STORE ``paths`` to ``destination`` (host, port, ae_title) over one association,
+    with the destination's timeouts (or ``timeout_s`` for all of them)."""
     outcomes: dict[int, Outcome] = {}
     described = []
     for i, path in enumerate(paths):
@@ -94,27 +121,33 @@ def send_dicom(destination: Any, paths: Sequence[str], calling_ae: str = "AIWORK
         except (InvalidDicomError, AttributeError, OSError) as error:
             outcomes[i] = Outcome(DEAD, f"object file unreadable: {error.__class__.__name__}")
     if described:
-        outcomes.update(_store_batch(destination, described, calling_ae, timeout_s))
+        outcomes.update(_store_batch(destination, described, calling_ae,
+                                     Timeouts.of(destination, timeout_s)))
     return [outcomes[i] for i in range(len(paths))]
 
 
 def _store_batch(destination: Any, described: list[tuple[int, str, str, str]],
-                 calling_ae: str, timeout_s: float) -> dict[int, Outcome]:
+                 calling_ae: str, timeouts: Timeouts) -> dict[int, Outcome]:
     """Send readable files over one association; every file gets an outcome."""
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    ae.connection_timeout = timeouts.connect
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = ae.network_timeout = timeouts.dimse
     for sop_class, syntax in sorted({(sop, ts) for _, _, sop, ts in described}):
         syntaxes = list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         ae.add_requested_context(sop_class, syntaxes)
     where = f"{destination.ae_title} at {destination.host}:{destination.port}"
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                          max_pdu=0)
+    outcomes = _rejected_classes(assoc, described, destination.ae_title)
     if not assoc.is_established:
-        why = "rejected the association" if assoc.is_rejected else "no association"
-        return {i: Outcome(RETRY, f"{why}: {where}") for i, *_ in described}
-    outcomes: dict[int, Outcome] = {}
+        why = f"rejected the association: {where}" if assoc.is_rejected else (
+            f"no association: {where} (refused, or no answer within {timeouts.acse:g} s)")
+        return {i: outcomes.get(i, Outcome(RETRY, why)) for i, *_ in described}
     try:
         for i, path, _, _ in described:
+            if i in outcomes:
+                continue
             if not assoc.is_established:
                 outcomes[i] = Outcome(RETRY, f"association with {where} lost")
                 continue
@@ -123,6 +156,18 @@ def _store_batch(destination: Any, described: list[tuple[int, str, str, str]],
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _rejected_classes(assoc: Any, described: list[tuple[int, str, str, str]],
+                      peer: str) -> dict[int, Outcome]:
+    """Dead outcomes for the files whose SOP class the peer accepted no presentation
+    context for, once the negotiation got an answer (it also answers when the peer
+    accepted none and pynetdicom aborts)."""
+    if not assoc.rejected_contexts:
+        return {}
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    return {i: Outcome(DEAD, f"{peer} rejected {UID(sop_class).name} ({sop_class})")
+            for i, _, sop_class, _ in described if sop_class not in accepted}
 
 
 def _store_one(assoc: Any, path: str) -> Outcome:
@@ -136,8 +181,12 @@ def _store_one(assoc: Any, path: str) -> Outcome:
     return dicom_status_outcome(int(response.Status))
 
 
-def send_hl7(destination: Any, paths: Sequence[str], timeout_s: float = 30.0) -> list[Outcome]:
-    """Send each HL7 message file to ``destination`` (host, port) over MLLP."""
+def send_hl7(destination: Any, paths: Sequence[str],
+             timeout_s: float | None = None) -> list[Outcome]:
+    """Send each HL7 message file to ``destination`` (host, port) over MLLP, with its
+    ``connect_timeout_s`` and ``ack_timeout_s`` (or ``timeout_s`` for both)."""
+    connect = timeout_s or getattr(destination, "connect_timeout_s", 10.0)
+    ack = timeout_s or getattr(destination, "ack_timeout_s", 30.0)
     outcomes: list[Outcome] = []
     for path in paths:
         try:
@@ -145,7 +194,7 @@ def send_hl7(destination: Any, paths: Sequence[str], timeout_s: float = 30.0) ->
         except OSError as error:
             outcomes.append(Outcome(DEAD, f"message file unreadable: {error.__class__.__name__}"))
             continue
-        delivery = send_mllp(destination.host, destination.port, message, timeout_s)
+        delivery = send_mllp(destination.host, destination.port, message, ack, connect)
         if delivery.outcome == DELIVERED:
             outcomes.append(Outcome(SENT))
         elif delivery.ack_code is None:  # unreachable: the rest waits for the next attempt
@@ -156,8 +205,9 @@ def send_hl7(destination: Any, paths: Sequence[str], timeout_s: float = 30.0) ->
     return outcomes
 
 
-def default_senders(calling_ae: str, timeout_s: float = 30.0) -> dict[str, Sender]:
-    """The senders for each destination kind; DICOM calls as the node's AE title."""
+def default_senders(calling_ae: str, timeout_s: float | None = None) -> dict[str, Sender]:
+    """The senders for each destination kind; DICOM calls as the node's AE title. Without
+    ``timeout_s`` each destination's own timeouts apply."""
     return {"dicom": partial(send_dicom, calling_ae=calling_ae, timeout_s=timeout_s),
             "hl7": partial(send_hl7, timeout_s=timeout_s)}
 
@@ -172,8 +222,9 @@ class Dispatcher:
 
     def __init__(self, db: StateDB, destinations: Mapping[str, Any],
                  senders: Mapping[str, Sender], clock: Callable[[], float] = time.time,
-                 policy: RetryPolicy | None = None, batch_size: int = BATCH_SIZE):
-        self.outbox = Outbox(db, policy)
+                 policy: RetryPolicy | None = None, batch_size: int = BATCH_SIZE,
+                 policies: Mapping[str, RetryPolicy] | None = None):
+        self.outbox = Outbox(db, policy, policies=policies)
         self.destinations = dict(destinations)
         self.senders = dict(senders)
         self.clock = clock

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,13 @@ def retry_policy(config: Config) -> RetryPolicy:
                        max_age_s=settings.max_age_h * 3600.0)
 
 
+def destination_policies(config: Config) -> dict[str, RetryPolicy]:
+    """The retry policy of each destination with its own ``retry_horizon_h``."""
+    base = retry_policy(config)
+    return {name: replace(base, max_age_s=d.retry_horizon_h * 3600.0)
+            for name, d in config.destinations.items() if d.retry_horizon_h is not None}
+
+
 def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[NewObject]:
     """The objects a job of ``pipeline`` sends: one per (output file, destination).
     Raises OSError while one of their files is not written yet."""
@@ -104,8 +112,9 @@ class OutboxStage:
         self.pipelines = {p.name: p for p in config.pipelines}
         settings = config.dispatch
         self.dispatcher = Dispatcher(db, config.destinations,
-                                     default_senders(calling_ae, settings.timeout_s),
+                                     default_senders(calling_ae),
                                      policy=retry_policy(config),
+                                     policies=destination_policies(config),
                                      batch_size=settings.batch_size)
         self.outbox: Outbox = self.dispatcher.outbox
         self.interval = settings.interval_s
@@ -123,7 +132,14 @@ class OutboxStage:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.config.dispatch.timeout_s + 10)
+            self._thread.join(timeout=self._longest_send_s() + 10)
+
+    def _longest_send_s(self) -> float:
+        """About how long one send may take at most, from the destinations' timeouts."""
+        waits = [getattr(d, "connect_timeout_s", 0) + getattr(d, "acse_timeout_s", 0)
+                 + getattr(d, "dimse_timeout_s", 0) + getattr(d, "ack_timeout_s", 0)
+                 for d in self.config.destinations.values()]
+        return max([self.config.dispatch.timeout_s, *waits])
 
     def tick(self) -> None:
         """Queue what is new, then send one due batch per destination."""

@@ -15,7 +15,10 @@ state is one transaction, so a kill -9 loses none; a power cut may lose the last
 sends tried, the successful one included.
 
 Retries back off exponentially: ``base_s * 2**attempts``, times a random factor within
-``+-jitter``, at most ``cap_s``. The age that ``max_age_s`` bounds counts from
+``+-jitter``, at most ``cap_s`` (15 min by default), for ``max_age_s`` (the retry
+horizon, 24 h by default; each destination may have its own policy). A row is dead before
+the horizon only when the receiver said the object can never be accepted. The age that
+``max_age_s`` bounds counts from
 ``queued_at``: when the row was added or last re-queued by an operator (:meth:`resend_dead`,
 :meth:`resend_study`), so a resend gets a full retry window again.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from aiworker.store.db import StateDB
@@ -67,7 +70,7 @@ class RetryPolicy:
     """How long to wait before the next attempt, and when to give up."""
 
     base_s: float = 5.0
-    cap_s: float = 600.0
+    cap_s: float = 900.0
     jitter: float = 0.2
     max_age_s: float = 24 * 3600.0
 
@@ -114,9 +117,11 @@ class Outbox:
     """The outbox table of a :class:`StateDB`; every call is one short transaction."""
 
     def __init__(self, db: StateDB, policy: RetryPolicy | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None,
+                 policies: Mapping[str, RetryPolicy] | None = None):
         self.db = db
         self.policy = policy or RetryPolicy()
+        self.policies = dict(policies or {})  # destination -> its own policy
         self._rng = rng or random.Random()
         with db._transaction() as cur:
             for statement in SCHEMA.split(";"):
@@ -189,21 +194,26 @@ class Outbox:
         dead = []
         with self.db._transaction() as cur:
             for row_id in ids:
-                row = cur.execute("SELECT attempts, queued_at FROM outbox WHERE id = ?"
-                                  " AND state = ?", (row_id, SENDING)).fetchone()
+                row = cur.execute("SELECT attempts, queued_at, destination FROM outbox"
+                                  " WHERE id = ? AND state = ?", (row_id, SENDING)).fetchone()
                 if row is None:
                     continue
-                if permanent or now - row["queued_at"] >= self.policy.max_age_s:
+                policy = self.policy_for(row["destination"])
+                if permanent or now - row["queued_at"] >= policy.max_age_s:
                     cur.execute("UPDATE outbox SET state = ?, attempts = attempts + 1,"
                                 " last_error = ?, updated_at = ? WHERE id = ?",
                                 (DEAD, error, now, row_id))
                     dead.append(row_id)
                     continue
-                retry_at = now + self.policy.delay(row["attempts"], self._rng)
+                retry_at = now + policy.delay(row["attempts"], self._rng)
                 cur.execute("UPDATE outbox SET state = ?, attempts = attempts + 1,"
                             " next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
                             (PENDING, retry_at, error, now, row_id))
         return dead
+
+    def policy_for(self, destination: str) -> RetryPolicy:
+        """The retry policy of ``destination``: its own, else the outbox's."""
+        return self.policies.get(destination, self.policy)
 
     def resend_dead(self, ids: Iterable[int] | None = None, now: float | None = None) -> int:
         """Queue dead rows again (those of ``ids``, or every one); returns how many."""
