@@ -6,6 +6,7 @@ resend with different bytes replaces the stored copy. The spool reads every file
 from __future__ import annotations
 
 import errno
+import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -131,3 +132,40 @@ def test_spool_refuses_a_file_that_does_not_read_back(tmp_path: Path, fsync: boo
     good = Spool(tmp_path / "good", fsync=fsync)
     temp, size = good.write_temporary([b"header", memoryview(b"data set bytes" * 100)])
     assert temp.read_bytes() == b"header" + b"data set bytes" * 100 and size == 1406
+
+
+def test_state_db_locked_is_c214_with_a_comment(node, make_study) -> None:
+    """The state DB held by another writer past its busy timeout: the instance cannot be
+    recorded (0xC214) and neither can the refusal; the answer still names the node's code
+    and reason (a handler that raised would give pynetdicom's own 0xC211, no comment)."""
+    study = make_study(series=1, slices=1)
+    blocker = sqlite3.connect(node.db_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        response = _store_waiting(node.port, study.files[0], 120)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert response.Status == scp.DB_FAILED, f"0x{response.Status:04X}"
+    assert "state DB error" in response.ErrorComment
+    assert "cannot record the refusal in the state DB" in node.log_text()
+    [again] = raw_store(node.port, study.files)  # once the DB is free, the resend is stored
+    assert again.Status == 0x0000
+    assert node.instance_count() == 1
+
+
+def _store_waiting(port: int, path: Path, seconds: float):
+    """C-STORE one file, waiting up to ``seconds`` for the answer (the node's DB waits out
+    its busy timeout, 10 s, once per thread that wants it)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="RAWSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = seconds
+    ds = pydicom.dcmread(path)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AIWORKER")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()

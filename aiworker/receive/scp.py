@@ -15,9 +15,10 @@ an Error Comment the sender can show:
 0xC212    the data set's SOP Instance UID differs from the command's
 0xC213    the spool write failed (I/O error), or the file read back differs
 0xC214    the state DB could not record the instance
+0xC215    an unexpected error in the node (logged with its traceback)
 ========  ===============================================================
 
-0xA700 and 0xA900 are the PS3.4 codes for their cases; 0xC210 to 0xC214 are codes of the
+0xA700 and 0xA900 are the PS3.4 codes for their cases; 0xC210 to 0xC215 are codes of the
 "cannot understand" range, 0xC2xx being this node's. No warning status (0xB000, 0xB006,
 0xB007) is ever sent: nothing is coerced or discarded, the data set is stored as sent.
 
@@ -77,6 +78,7 @@ BAD_UIDS = 0xC211
 UID_MISMATCH = 0xC212
 WRITE_FAILED = 0xC213
 DB_FAILED = 0xC214
+INTERNAL_ERROR = 0xC215
 
 
 class StoreRefused(Exception):
@@ -271,7 +273,11 @@ class Receiver:
         calling = event.assoc.requestor.ae_title.strip()
         try:
             record = self._store(event, calling)
-        except StoreRefused as refused:
+        except Exception as exc:
+            refused = exc if isinstance(exc, StoreRefused) else StoreRefused(
+                INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            if refused is not exc:  # a bug, not the data: keep its traceback for us
+                log.exception("C-STORE failed unexpectedly")
             self._count(event.assoc, f"0x{refused.status:04X}")
             self._record_refusal(refused, str(event.request.AffectedSOPInstanceUID), calling)
             response = Dataset()
@@ -291,10 +297,13 @@ class Receiver:
         log.error("C-STORE refused from %s: 0x%04X %s (SOP instance %s)%s", calling,
                   refused.status, refused.reason, sop_uid,
                   "; the copy stored before is kept" if kept else "")
-        self.db.add_event("store_failed", study_uid=kept and kept["study_uid"],
-                          series_uid=kept and kept["series_uid"], sop_uid=sop_uid,
-                          status=f"0x{refused.status:04X}", reason=refused.reason,
-                          calling_ae=calling, kept_stored_copy=kept is not None)
+        try:
+            self.db.add_event("store_failed", study_uid=kept and kept["study_uid"],
+                              series_uid=kept and kept["series_uid"], sop_uid=sop_uid,
+                              status=f"0x{refused.status:04X}", reason=refused.reason,
+                              calling_ae=calling, kept_stored_copy=kept is not None)
+        except Exception as exc:  # the answer must still go out, with its own status
+            log.error("cannot record the refusal in the state DB: %s", type(exc).__name__)
 
     def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
         """Write the instance to the spool and the DB, or raise :class:`StoreRefused`.
