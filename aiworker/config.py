@@ -185,7 +185,15 @@ class Web(_Section):
     ``token``: the bearer token that resend and retry (the API's POSTs and the dashboard's
     buttons) must carry; None refuses them all (403). ``show_phi``: patient name, ID,
     accession number and study date on the pages and in the API; off, studies are shown by
-    UID, description and sender only."""
+    UID, description and sender only.
+
+    ``auth``: who may read the pages and the API: ``none`` (anyone who reaches the port),
+    ``token`` (``Authorization: Bearer <token>`` or the cookie the login form sets) or
+    ``header`` (a reverse proxy such as oauth2-proxy puts the user in ``auth_header``; it
+    is believed only from ``trusted_proxies``, addresses or networks). ``/healthz`` and
+    ``/readyz`` stay open; ``/metrics`` too while ``metrics_public``. ``viewer_url``: a
+    link to the study in the PACS viewer, ``{study_uid}`` replaced. ``refresh_s``: the
+    studies list and a study page reload themselves this often (0: never)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -193,6 +201,29 @@ class Web(_Section):
     token: str | None = Field(None, min_length=16, description="None = no resend/retry "
                                                                "over HTTP")
     show_phi: bool = False
+    auth: Literal["none", "token", "header"] = "none"
+    auth_header: str = Field("X-Forwarded-User", min_length=1)
+    trusted_proxies: list[str] = ["127.0.0.1", "::1"]
+    metrics_public: bool = True
+    viewer_url: str | None = Field(None, pattern=r"\{study_uid\}")
+    refresh_s: int = Field(5, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _token_for_token_auth(self) -> Web:
+        """``auth: token`` needs the token it checks."""
+        if self.auth == "token" and self.token is None:
+            raise ValueError("web.auth: token needs web.token (or AIWORKER_WEB__TOKEN)")
+        return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        """Each entry an IP address or network (``10.0.0.0/8``)."""
+        import ipaddress
+
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)
+        return value
 
 
 class Inference(_Section):

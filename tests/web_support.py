@@ -17,9 +17,15 @@ import pydicom
 from prometheus_client.parser import text_string_to_metric_families
 from support import NodeProcess, free_port, node_config, raw_store, wait_until
 
+from aiworker.config import Config
 from aiworker.demo import Arrivals, start_pacs, start_ris
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
+from aiworker.store.db import NewJob, StateDB
+from aiworker.store.outbox import NewObject, Outbox
+from aiworker.store.records import InstanceRecord
+from aiworker.web.app import create_app
+from aiworker.web.server import WebServer
 
 TOKEN = "web-test-token-0123456789"
 SENDER = "MODALITY"  # the only caller the site's node allows
@@ -153,3 +159,85 @@ def wait_row(http: httpx.Client, row_id: int, predicate: Any, timeout: float = 3
         return rows[0] if rows and predicate(rows[0]) else None
 
     return wait_until(row, timeout, f"outbox row {row_id} to change", interval=0.1)
+
+
+# --- a state DB written with the store's own calls, served in-process ---------------------
+
+STUDY_DESCRIPTION = "MR KNEE"
+
+
+def instance(study: str, series: str, sop: str, at: float, accession: str = "ACC1"
+             ) -> InstanceRecord:
+    """An instance record as the receiver writes it (patient data included)."""
+    return InstanceRecord(
+        study_uid=study, series_uid=series, sop_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax="1.2.840.10008.1.2.1",
+        path=Path(f"/spool/{sop}.dcm"), size=100, frames=1, expected_frames=None,
+        acquisition_number=1, modality="MR", series_number=1, series_description="PD FS SAG",
+        study_description=STUDY_DESCRIPTION, study_date="20260101", accession_number=accession,
+        patient_id="PID1", patient_name=PATIENT_NAME, calling_ae=SENDER, received_at=at)
+
+
+@dataclass
+class Written:
+    """A study the store went through: its job and outbox rows (destination -> ids)."""
+
+    study_uid: str
+    job_id: str
+    rows: dict[str, list[int]]
+
+
+def processed_study(db: StateDB, study: str, at: float, accession: str = "ACC1",
+                    error: str | None = None) -> Written:
+    """Receive two instances at ``at``, complete, select (knee), run the job (done, or
+    failed with ``error``); a done job gets a SEG and an SR for ``pacs`` and an ORU for
+    ``ris``, all pending."""
+    series = study + ".1"
+    for i in range(2):
+        db.record_instance(instance(study, series, f"{series}.{i}", at + i, accession))
+    db.complete_idle(at + 10, 1.0)
+    [(uid, completed_at, _)] = [w for w in db.awaiting_selection(["knee"]) if w[0] == study]
+    job = NewJob("knee", "knee-demo", study, {"main": series})
+    chosen = db.record_selection(uid, completed_at, "knee", {"chosen": {"main": series},
+                                                             "series": []}, job)
+    claimed = db.claim_job()
+    assert claimed is not None and claimed["job_id"] == chosen.job_id
+    if error is not None:
+        db.fail_job(chosen.job_id, error, "model", {})
+        return Written(study, chosen.job_id, {})
+    db.finish_job(chosen.job_id, {}, {"total": 1.0}, "cpu", "")
+    outbox = Outbox(db)
+    ids = outbox.add(chosen.job_id, study, [
+        NewObject("pacs", "dicom", "seg", f"/r/{study}/seg.dcm", study + ".9.1"),
+        NewObject("pacs", "dicom", "sr", f"/r/{study}/sr.dcm", study + ".9.2"),
+        NewObject("ris", "hl7", "hl7", f"/r/{study}/oru.hl7")], now=at + 20)
+    return Written(study, chosen.job_id, {"pacs": ids[:2], "ris": ids[2:]})
+
+
+def attempt(db: StateDB, destination: str, ok: bool, now: float, error: str = "refused",
+            permanent: bool = False) -> list[int]:
+    """One send attempt of every due row of ``destination``: accepted or failed."""
+    outbox = Outbox(db)
+    ids = [r.id for r in outbox.claim(destination, now, 100)]
+    if ok:
+        outbox.mark_sent(ids, now)
+    else:
+        outbox.mark_failed(ids, error, now, permanent=permanent)
+    return ids
+
+
+def web_config(workdir: Path, **web: Any) -> Config:
+    """The node's config with ``web`` keys on top (port free)."""
+    return Config.model_validate(node_config(workdir, "dash", {"web": web}))
+
+
+@contextmanager
+def serving(db: StateDB, config: Config) -> Iterator[httpx.Client]:
+    """The web app over ``db`` on a real socket (uvicorn in a thread); a client on it."""
+    server = WebServer(create_app(db, config), "127.0.0.1", config.web.port)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url.rstrip("/"), timeout=30) as http:
+            yield http
+    finally:
+        server.stop()

@@ -2,8 +2,8 @@
 retry as POSTs that need ``Authorization: Bearer <web.token>`` (see :mod:`.auth`).
 
 Study, series, job and outbox objects have the shapes of ``aiworker status --json``; a
-study adds ``stage`` (one of :data:`~aiworker.store.status.STAGES`), ``timeline`` and
-``acl``, and with ``web.show_phi`` a ``patient`` object.
+study adds ``stage`` (one of :data:`~aiworker.store.dashboard.STAGES`), ``destinations``,
+``timeline``, ``acl`` and ``viewer_url``, and with ``web.show_phi`` a ``patient`` object.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 
-from aiworker.store.status import STAGES
+from aiworker.store.dashboard import STAGES
 from aiworker.web.auth import require_token
 from aiworker.web.views import PREVIEW_FILE, REPORT_FILE, Conflict, NotFound, Views
 
@@ -48,12 +48,16 @@ def _found(call: Any, *args: Any) -> Any:
 
 
 @router.get("/studies", summary="Studies, newest first")
-def list_studies(v: ViewsDep, state: Stage | None = None,
-                 limit: Limit = 200) -> list[dict[str, Any]]:
-    """Each study with its series, decisions, jobs, outbox rows, ``stage`` and ``timeline``
-    (received, complete, selected, inferred, sent: when, and seconds since the step
-    before). ``state`` keeps the studies at one stage."""
-    return v.studies(state, limit)
+def list_studies(v: ViewsDep, state: Stage | None = None, limit: Limit = 200,
+                 q: Annotated[str | None, Query(max_length=128)] = None
+                 ) -> list[dict[str, Any]]:
+    """Each study with its series, decisions, jobs, outbox rows, ``destinations`` (the
+    rows summed up per destination), ``stage`` and ``timeline`` (received, complete,
+    selected, inferred, sent: when, and seconds since the step before; ``stale`` for a
+    step from before the study re-opened). ``state`` keeps the studies at one stage;
+    ``q`` those whose Study Instance UID starts with it or whose accession number is it
+    (the accession number itself is shown only with ``web.show_phi``)."""
+    return v.studies(state, limit, search=q)
 
 
 @router.get("/studies/{study_uid}", summary="One study")

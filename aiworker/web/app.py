@@ -12,7 +12,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.responses import Response
@@ -21,6 +25,7 @@ import aiworker
 from aiworker.config import Config
 from aiworker.store.db import StateDB
 from aiworker.web import api, health, pages
+from aiworker.web.auth import access_middleware
 from aiworker.web.health import Probe, database_probe, disk_probe
 from aiworker.web.metrics import node_registry
 from aiworker.web.views import Views
@@ -53,6 +58,7 @@ def create_app(db: StateDB | Path | str, config: Config,
             state_db.close()
 
     app = FastAPI(title="aiworker", version=aiworker.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="DICOM AI node for knee MRI: studies, jobs, outbox, resend "
                               "and retry (POST, bearer token = web.token), health, metrics.")
     app.state.web = WebContext(
@@ -65,7 +71,24 @@ def create_app(db: StateDB | Path | str, config: Config,
     app.include_router(health.router)
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"],
                       summary="Prometheus metrics", response_class=Response)
+    app.mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+              name="swagger-ui")
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
+    app.middleware("http")(access_middleware)
     return app
+
+
+SWAGGER_ASSETS = "/static/swagger-ui"
+
+
+def docs(request: Request) -> HTMLResponse:
+    """Swagger UI from the package's own copy (swagger-ui-bundle): no CDN, so ``/docs``
+    works on a hospital network without internet."""
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url, title="aiworker API",
+        swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png")
 
 
 def metrics(request: Request) -> Response:

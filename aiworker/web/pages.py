@@ -1,9 +1,13 @@
 """The dashboard's pages, rendered on the server from Jinja2 templates (no script build).
 
-``/`` studies (newest first, filter by stage, each with its timeline); ``/studies/{uid}``
+``/`` studies (newest first, filter by stage, search by Study Instance UID or accession
+number, each with its timeline and destinations); ``/studies/{uid}``
 one study (series table with the selection's verdicts, the decision, findings, text
 report, preview image, outbox rows with resend buttons); ``/failures`` failed jobs, dead
-outbox rows and problem events. The buttons post a form with the operator's token
+outbox rows and problem events; ``/outbox`` every outbox row, by state and destination;
+``/login`` the form that sets the session cookie (``web.auth: token``). The list, a study
+and the outbox reload themselves every ``web.refresh_s`` (the header's box turns it off
+for the browser). The buttons post a form with the operator's token
 (:mod:`.auth`) and come back to the page with a notice of what happened.
 """
 
@@ -18,9 +22,9 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from aiworker.store.status import STAGES
+from aiworker.store.dashboard import STAGES
 from aiworker.web.api import client
-from aiworker.web.auth import TokenRefused, check_token
+from aiworker.web.auth import COOKIE, TokenRefused, check_token, safe_next, session_value
 from aiworker.web.views import Conflict, NotFound, Views
 
 router = APIRouter(include_in_schema=False)
@@ -78,6 +82,8 @@ def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
     notice = request.query_params.get("notice")
     return web.templates.TemplateResponse(request, name, {
         "show_phi": web.config.web.show_phi, "token_set": web.config.web.token is not None,
+        "refresh_s": 0, "auth": web.config.web.auth,
+        "reader": getattr(request.state, "reader", None),
         "notice": NOTICES.get(notice or ""), "notice_ok": notice in ("resent", "retried"),
         **context})
 
@@ -86,11 +92,58 @@ def _views(request: Request) -> Views:
     return request.app.state.web.views
 
 
+def _refresh(request: Request) -> int:
+    return request.app.state.web.config.web.refresh_s
+
+
 @router.get("/", response_class=HTMLResponse)
-def studies_page(request: Request, state: str | None = None) -> HTMLResponse:
+def studies_page(request: Request, state: str | None = None, q: str | None = None
+                 ) -> HTMLResponse:
     stage = state if state in STAGES else None
-    return _page(request, "studies.html", studies=_views(request).studies(stage),
-                 state=stage)
+    search = (q or "").strip()[:128] or None
+    return _page(request, "studies.html", studies=_views(request).studies(stage, search=search),
+                 state=stage, q=search, refresh_s=_refresh(request))
+
+
+@router.get("/outbox", response_class=HTMLResponse)
+def outbox_page(request: Request, state: str | None = None, destination: str | None = None
+                ) -> HTMLResponse:
+    rows = _views(request).outbox_rows()
+    names = sorted({r["destination"] for r in rows})
+    shown = [r for r in reversed(rows) if (not state or r["state"] == state)
+             and (not destination or r["destination"] == destination)]
+    return _page(request, "outbox.html", rows=shown, state=state or None,
+                 destination=destination or None, destinations=names,
+                 row_states=("pending", "sending", "sent", "dead"),
+                 refresh_s=_refresh(request))
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/", failed: int = 0) -> HTMLResponse:
+    return _page(request, "login.html", next=safe_next(next), failed=bool(failed))
+
+
+@router.post("/login")
+def login(request: Request, token: str = Form(""), next: str = Form("/")
+          ) -> RedirectResponse:
+    """Check the token and set the session cookie (HttpOnly, SameSite=Strict)."""
+    configured = request.app.state.web.config.web.token
+    target = safe_next(next)
+    try:
+        check_token(configured, token)
+    except TokenRefused:
+        return RedirectResponse(f"/login?failed=1&next={quote(target)}", status_code=303)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(COOKIE, session_value(configured), httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/")
+    return response
+
+
+@router.post("/logout")
+def logout() -> RedirectResponse:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
 
 
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)
@@ -99,7 +152,7 @@ def study_page(request: Request, study_uid: str) -> HTMLResponse:
         study = _views(request).study(study_uid)
     except NotFound as exc:
         raise HTTPException(404, str(exc)) from exc
-    return _page(request, "study.html", study=study)
+    return _page(request, "study.html", study=study, refresh_s=_refresh(request))
 
 
 @router.get("/failures", response_class=HTMLResponse)
@@ -140,6 +193,12 @@ def resend_study_form(request: Request, study_uid: str, token: str = Form("")
 @router.post("/failures/outbox/{row_id}/resend")
 def resend_dead_form(request: Request, row_id: int, token: str = Form("")) -> RedirectResponse:
     return _act(request, token, "/failures", "resent", _views(request).resend_row, row_id)
+
+
+@router.post("/outbox/{row_id}/resend")
+def resend_outbox_form(request: Request, row_id: int, token: str = Form("")
+                       ) -> RedirectResponse:
+    return _act(request, token, "/outbox", "resent", _views(request).resend_row, row_id)
 
 
 @router.post("/failures/jobs/{job_id}/retry")

@@ -40,6 +40,7 @@ class WebServer:
             app, log_config=None, log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
+        self.refusal: WebError | None = None  # a reason not to start, raised by start()
 
     @property
     def url(self) -> str:
@@ -48,7 +49,10 @@ class WebServer:
 
     def start(self) -> None:
         """Bind the port and serve; returns once requests are answered. Raises
-        :class:`WebError` when the port cannot be bound or the server does not start."""
+        :class:`WebError` when the port cannot be bound or the server does not start, or
+        the config's :attr:`refusal` (see :func:`check_exposure`)."""
+        if self.refusal is not None:
+            raise self.refusal
         sock = self._bind()
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                         name="web", daemon=True)
@@ -93,4 +97,30 @@ def node_web_server(config: Config, db_path: Path, receiver: Any, inferrer: Any
 
     app = create_app(db_path, config, {"models": models_probe(inferrer),
                                        "scp": scp_probe(receiver, config.node.port)})
-    return WebServer(app, config.web.host, config.web.port)
+    server = WebServer(app, config.web.host, config.web.port)
+    try:
+        check_exposure(config)
+    except WebError as refused:
+        server.refusal = refused  # raised by start(), where the node reports a WebError
+    return server
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse patient data on the network without sign-in: ``web.show_phi`` with
+    ``web.auth: none`` is allowed only on a loopback ``web.host``."""
+    web = config.web
+    if web.show_phi and web.auth == "none" and not _loopback(web.host):
+        raise WebError(f"web.show_phi is on and web.auth is none on web.host {web.host}: "
+                       "anyone who reaches the port would see patient data; set web.auth "
+                       "(token or header), or web.host: 127.0.0.1, or web.show_phi: false")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

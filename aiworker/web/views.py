@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiworker.config import Config
+from aiworker.store import dashboard
 from aiworker.store.db import FAILED, PROBLEM_EVENTS, JobError, StateDB
 from aiworker.store.outbox import DEAD, Outbox
 from aiworker.store.status import job_json, outbox_json, problem_json, status_report
-from aiworker.store.status import study_stage as stage_of
 from aiworker.store.status import timeline as timeline_of
 
 PREVIEW_FILE = "preview.png"  # written by the results stage next to seg.dcm
@@ -44,12 +45,17 @@ class Views:
 
     # --- reading -----------------------------------------------------------------------
 
-    def studies(self, stage: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        """Studies newest first (only those at ``stage`` when given), each with its stage,
-        timeline and ACL finding."""
+    def studies(self, stage: str | None = None, limit: int = 200, search: str | None = None
+                ) -> list[dict[str, Any]]:
+        """Studies newest first (only those at ``stage`` when given, only those whose Study
+        Instance UID starts with ``search`` or whose accession number is ``search``), each
+        with its stage, destinations, timeline and ACL finding."""
+        wanted = dashboard.studies_matching(self.db, search) if search else None
         shown = []
         for study in status_report(self.db, 0, phi=self.config.web.show_phi)["studies"]:
-            _annotate(study)
+            if wanted is not None and study["study_uid"] not in wanted:
+                continue
+            self._annotate(study)
             if stage is None or study["stage"] == stage:
                 shown.append(study)
             if len(shown) >= limit:
@@ -62,7 +68,7 @@ class Views:
         found = status_report(self.db, 0, study_uid, phi=self.config.web.show_phi)["studies"]
         if not found:
             raise NotFound(f"no study {study_uid}")
-        study = _annotate(found[0])
+        study = self._annotate(found[0])
         for decision in study["selection"].values():
             for job in decision["jobs"]:
                 folder = Path(job["result_dir"]) if job["result_dir"] else None
@@ -104,6 +110,13 @@ class Views:
                 "dead": list(reversed(self.outbox_rows(DEAD))),
                 "events": [problem_json(e) for e in self.db.events(PROBLEM_EVENTS, limit)]}
 
+    def _annotate(self, study: dict[str, Any]) -> dict[str, Any]:
+        """:func:`_annotate` plus the link to the study in the viewer (``web.viewer_url``)."""
+        template = self.config.web.viewer_url
+        study["viewer_url"] = template.replace("{study_uid}", quote(study["study_uid"])) \
+            if template else None
+        return _annotate(study)
+
     # --- re-queuing --------------------------------------------------------------------
 
     def resend_row(self, row_id: int, client: str) -> dict[str, Any]:
@@ -140,9 +153,11 @@ class Views:
 
 
 def _annotate(study: dict[str, Any]) -> dict[str, Any]:
-    """Add the study's stage, timeline and the ACL decision of its latest done job."""
-    study["stage"] = stage_of(study)
-    study["timeline"] = timeline_of(study)
+    """Add the study's destinations, stage, timeline and the ACL decision of its latest
+    done job."""
+    study["destinations"] = dashboard.destinations(study["outbox"])
+    study["stage"] = dashboard.stage(study, study["destinations"])
+    study["timeline"] = dashboard.honest_timeline(timeline_of(study))
     study["acl"] = None
     for decision in study["selection"].values():
         for job in decision["jobs"]:
