@@ -26,9 +26,11 @@ from collections.abc import Callable
 from aiworker.config import Config
 from aiworker.dispatch.stage import OutboxStage, object_options
 from aiworker.infer.manifest import ManifestError
-from aiworker.infer.worker import InferenceWorker, resolve_models, worker_settings
+from aiworker.infer.process import worker_settings
+from aiworker.infer.stage import InferenceWorker, resolve_models
 from aiworker.receive.processes import ReceiverProcesses
 from aiworker.receive.scp import Receiver
+from aiworker.results.objects import write_job_objects
 from aiworker.select.decide import configured_pipelines, feature_settings
 from aiworker.select.rules import RuleError
 from aiworker.select.worker import SelectionWorker
@@ -65,7 +67,7 @@ class Node:
         self.selector = SelectionWorker(self.db, pipelines, feature_settings(config))
         self.inferrer = InferenceWorker(self.db, worker_settings(
             config, models, self.paths.root / "results",
-            write_objects="aiworker.results.objects:write_job_objects",
+            write_objects=write_job_objects,
             object_options=object_options(config), folder_lock=self.lock.shared()))
         self.outbox = OutboxStage(self.db, config, config.node.ae_title)
         storage = config.storage

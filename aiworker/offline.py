@@ -2,8 +2,9 @@
 
 The same selection as ``aiworker select`` (:func:`aiworker.select.headers.scan_folder` and
 :func:`aiworker.select.decide.decide`) picks each study's series for one pipeline; the
-chosen series are loaded (:func:`aiworker.infer.volume.load_series`) and run through one
-:class:`~aiworker.infer.engine.Engine`, loaded once for the whole run. Each study that
+chosen series run as one job through :func:`aiworker.infer.run.run_job`, the node's own run
+(load, infer, write atomically, result objects), on one
+:class:`~aiworker.infer.engine.Engine` loaded once for the whole run. Each study that
 succeeds gets ``DIR/<StudyInstanceUID>/``:
 
 * ``labels.nii.gz``: the label map on the first input series' own grid (its size, origin,
@@ -32,20 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import SimpleITK as sitk
 from rich.table import Table
 
-from aiworker.infer.engine import Engine, ResourceError, Result
+from aiworker.infer.engine import Engine
 from aiworker.infer.manifest import Manifest, ModelError
 from aiworker.infer.registry import Registry
-from aiworker.infer.volume import LoadedSeries, VolumeError, load_series
-from aiworker.results.objects import write_results
-from aiworker.results.seg import SegError
-from aiworker.results.sr import SRError
+from aiworker.infer.run import JobReply, JobRequest, classify_error, run_job
+from aiworker.results.objects import write_job_objects
 from aiworker.select.decide import Pipeline, StudyDecision, decide
 from aiworker.select.features import FeatureSettings
 from aiworker.select.headers import StudyHeaders
 from aiworker.select.rules import load_rules, resolve_rules_path
+from aiworker.store.files import atomic_write
 
 log = logging.getLogger("aiworker.infer")
 
@@ -137,31 +136,23 @@ def infer_study(study: StudyHeaders, run: Run) -> StudyResult:
         log.info("study %s: no series selected", study.study_uid)
         return result
     try:
-        loaded, load_s = load_inputs(study, decision, run)
-        outcome = run.engine.run(loaded)
-    except (VolumeError, ModelError, ResourceError, MemoryError) as exc:
+        request = job_request(study, decision, run, result)
+    except ModelError as exc:
+        reply = JobReply.failed(classify_error(exc))
+    else:
+        reply = run_job(request, run.engine, write_job_objects)
+    if reply.failure is not None:
         result.status = FAILED
-        result.error = {"kind": getattr(exc, "kind", "resource"),
-                        "reason": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        result.error = {"kind": reply.failure.kind,
+                        "reason": reply.failure.error.splitlines()[0]}
         log.warning("study %s failed (%s): %s", study.study_uid, result.error["kind"],
                     result.error["reason"])
         return result
-    result.status, result.device, result.findings = DONE, outcome.device, outcome.findings
-    result.timings = {"load": load_s, **outcome.timings}
-    result.output = str(write_outputs(result, outcome, decision, run))
-    try:
-        objects = write_results(Path(result.output), series_files(study, loaded[0].series_uid),
-                                loaded[0], outcome.labels, outcome.findings,
-                                run.engine.manifest, run.engine.model_id, run.hl7_settings,
-                                secondary_capture=True)
-    except (SegError, SRError, ValueError) as exc:
-        result.status = FAILED
-        result.error = {"kind": "data", "reason": f"result objects: {str(exc).splitlines()[0]}"}
-        log.warning("study %s: result objects failed: %s", study.study_uid, result.error["reason"])
-        return result
-    result.timings.update(objects.timings)
-    result.timings["total"] = round(time.perf_counter() - started, 4)
-    (Path(result.output) / "timings.json").write_text(json.dumps(result.timings, indent=2) + "\n")
+    result.status, result.device, result.findings = DONE, reply.device, reply.findings
+    result.output = reply.result_dir
+    result.timings = reply.timings | {"total": round(time.perf_counter() - started, 4)}
+    atomic_write(Path(reply.result_dir or "") / "timings.json",
+                 json.dumps(result.timings, indent=2) + "\n")
     return result
 
 
@@ -192,30 +183,20 @@ def series_files(study: StudyHeaders, series_uid: str) -> list[Path]:
     return [Path(ds.filename) for ds in series.instances]
 
 
-def load_inputs(study: StudyHeaders, decision: StudyDecision, run: Run
-                ) -> tuple[list[LoadedSeries], float]:
-    """The model's input series, loaded and decoded, and the seconds that took."""
-    started = time.perf_counter()
+def job_request(study: StudyHeaders, decision: StudyDecision, run: Run, result: StudyResult
+                ) -> JobRequest:
+    """The study's job, as the node's inference process would get it: the files of each
+    input series, the study's folder, the objects to write (the Secondary Capture and the
+    config's HL7 header), and what ``findings.json`` says about the selection."""
     uids = input_series(run.engine.manifest, decision.chosen[run.pipeline.name])
-    loaded = [load_series(series_files(study, uid)) for uid in uids]
-    return loaded, round(time.perf_counter() - started, 4)
-
-
-def write_outputs(result: StudyResult, outcome: Result, decision: StudyDecision, run: Run
-                  ) -> Path:
-    """Write ``labels.nii.gz`` and ``findings.json`` into the study's folder; return it."""
-    folder = run.out_dir / result.study_uid
-    folder.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(outcome.label_image, str(folder / "labels.nii.gz"), useCompression=True)
     rules = decision.rules.get(run.pipeline.name)
-    document = {"study_uid": result.study_uid, "model": result.model,
-                "device": result.device,
-                "selection": {"pipeline": run.pipeline.name,
-                              "rules": rules.source if rules else None,
-                              "series": result.series},
-                "findings": outcome.findings}
-    (folder / "findings.json").write_text(json.dumps(document, indent=2) + "\n")
-    return folder
+    about = {"study_uid": result.study_uid, "model": result.model,
+             "selection": {"pipeline": run.pipeline.name,
+                           "rules": rules.source if rules else None, "series": result.series}}
+    return JobRequest(result.study_uid, result.model,
+                      [[str(path) for path in series_files(study, uid)] for uid in uids],
+                      run.out_dir / result.study_uid,
+                      {"secondary_capture": True, "hl7": run.hl7_settings}, about)
 
 
 def summary_table(results: list[StudyResult]) -> Table:

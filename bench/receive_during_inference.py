@@ -154,7 +154,7 @@ class WorkerLoad:
         subprocess.run(infer.phantom_argv(self.studies, TRIGGER_STUDIES), cwd=rx.ROOT,
                        check=True, stdout=subprocess.DEVNULL)
         from aiworker.config import Inference
-        from aiworker.infer.worker import default_threads
+        from aiworker.infer.process import default_threads
 
         args.nice = Inference().nice if args.nice is None else args.nice
         args.threads = args.threads or default_threads()

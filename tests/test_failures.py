@@ -308,8 +308,8 @@ def test_port_in_use_is_a_clear_error(node_factory) -> None:
     with pytest.raises(RuntimeError, match="exited with 1"):
         second.start()
     log = second.log_text()
-    assert f"cannot start receiving on 127.0.0.1:{first.port}" in log
-    assert "Address already in use" in log
+    assert f"the DICOM port 127.0.0.1:{first.port} is in use by another process" in log
+    assert "set node.port (AIWORKER_NODE__PORT)" in log
     assert "Traceback" not in log
 
 

@@ -24,8 +24,8 @@ from support import dcmtk, needs_dcmtk, wait_until
 from test_infer_worker import TINY, write_model
 
 from aiworker.infer.registry import BUNDLED_MODELS
+from aiworker.infer.run import FINDINGS_FILE, LABELS_FILE
 from aiworker.infer.volume import load_series
-from aiworker.infer.worker import FINDINGS_FILE, LABELS_FILE
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
 from aiworker.phantom.truth import truth_series

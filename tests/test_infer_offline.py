@@ -59,7 +59,7 @@ TINY_MANIFEST: dict[str, Any] = {
     },
     "intended_use": "Tests only; not a medical device.",
 }
-TIMINGS = {"load", "preprocess", "model", "postprocess", "resample", "seg", "sr", "report",
+TIMINGS = {"load", "preprocess", "model", "postprocess", "resample", "write", "seg", "sr", "report",
            "hl7", "preview", "total"}
 ENTRY_KEYS = {"study_uid", "status", "pipeline", "model", "series", "output", "device",
               "findings", "timings", "error"}

@@ -34,16 +34,11 @@ from support import AIWORKER, REPO
 
 from aiworker.config import ConfigError, load_config
 from aiworker.infer.manifest import ManifestError
+from aiworker.infer.process import WorkerSettings
 from aiworker.infer.registry import Registry
+from aiworker.infer.run import FINDINGS_FILE, LABELS_FILE, Failure, classify_error
+from aiworker.infer.stage import InferenceWorker, resolve_models
 from aiworker.infer.volume import load_series
-from aiworker.infer.worker import (
-    FINDINGS_FILE,
-    LABELS_FILE,
-    InferenceWorker,
-    WorkerSettings,
-    classify_error,
-    resolve_models,
-)
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.select.decide import Pipeline
@@ -295,12 +290,14 @@ def test_errors_are_classified():
     from aiworker.infer.volume import VolumeError
 
     assert classify_error(VolumeError("slices not parallel")) == \
-        {"kind": "data", "error": "slices not parallel"}
-    assert classify_error(ModelError("weights do not fit"))["kind"] == "model"
-    assert classify_error(ResourceError("out of GPU memory on cuda:0"))["kind"] == "resource"
-    assert classify_error(MemoryError())["kind"] == "resource"
+        Failure("data", "slices not parallel")
+    assert classify_error(ModelError("weights do not fit")).kind == "model"
+    assert classify_error(ResourceError("out of GPU memory on cuda:0")).kind == "resource"
+    assert classify_error(MemoryError()).kind == "resource"
     assert classify_error(RuntimeError("bad shape\nmore")) == \
-        {"kind": "model", "error": "RuntimeError: bad shape"}
+        Failure("model", "RuntimeError: bad shape")
+    assert classify_error(OSError(28, "No space left on device")) == \
+        Failure("resource", "disk full: [Errno 28] No space left on device")
 
 
 # ------------------------------------------------------------------ the worker
@@ -459,7 +456,7 @@ def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registr
     options = {"knee": {"secondary_capture": True, "hl7": {"sending_application": "KNEEAI"}}}
     settings = WorkerSettings(models={"tiny": registry.get("tiny")},
                               results_dir=node_dir / "results", device="cpu", threads=1,
-                              write_objects="test_infer_worker:write_objects_or_refuse",
+                              write_objects=write_objects_or_refuse,
                               object_options=options)
     inferrer = InferenceWorker(db, settings)
     try:

@@ -94,19 +94,4 @@ def scp_probe(receiver: Any, port: int) -> Probe:
 def models_probe(inferrer: Any) -> Probe:
     """The pipelines' models: found in the registry at start (else the node would not
     run); once the inference process has started (at the first job) it loaded every one."""
-    def probe() -> tuple[bool, str]:
-        names = ", ".join(sorted(inferrer.settings.models)) or "no models"
-        process = inferrer.process
-        if process is None:
-            return True, f"{names}: found at start; loaded by the inference process at the " \
-                         "first job"
-        if process.ready is None:
-            alive = process.process.is_alive()
-            return alive, f"{names}: the inference process is loading them" if alive else \
-                "the inference process exited while loading the models"
-        broken = sorted(n for n, device in process.ready["devices"].items()
-                        if device == "not loaded")
-        if broken:
-            return False, f"cannot be loaded: {', '.join(broken)} (see the node log)"
-        return True, ", ".join(f"{n} on {d}" for n, d in sorted(process.ready["devices"].items()))
-    return probe
+    return inferrer.readiness
