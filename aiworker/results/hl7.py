@@ -22,12 +22,22 @@ Every OBX has result status P. Observation identifiers are local codes (HL7 tabl
 hl7apy builds and validates every standard segment; it neither writes nor reads a Z
 segment inside a group (its ER7 writer and its group finder skip segments its structure
 tables do not list), so the ZDS segment is built by hl7apy alone and placed after the OBR
-in the ER7 text. Text is escaped with HL7's escape sequences (``\\F\\ \\S\\ \\T\\ \\R\\
-\\E\\``); the message is meant to be sent in UTF-8.
+in the ER7 text. The patient and study come from
+:class:`~aiworker.results.patient.PatientStudy` (the source header, cleaned). Every value
+taken from DICOM or the settings goes through :func:`escape`: the message's delimiters
+become HL7's escape sequences (``|`` ``\\F\\``, ``^`` ``\\S\\``, ``&`` ``\\T\\``, ``~``
+``\\R\\``, ``\\`` ``\\E\\``) and control characters (CR, LF, TAB, the MLLP framing bytes
+0x0B and 0x1C...) become spaces, so no value can end a segment, split a field or break the
+MLLP frame. Spaces, not ``\\X0D\\`` or ``\\.br\\``: hl7apy's writer re-escapes every escape
+sequence but F, S, T, R, E, H and N. hl7apy's own escaping is not used: it applies only to
+values assigned as datatype objects and leaves a backslash that already looks like an
+escape sequence as it is, so a value would not come back unchanged. :func:`unescape` is its
+inverse; the message is meant to be sent in UTF-8.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +50,7 @@ from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
 from aiworker.infer.manifest import Manifest
+from aiworker.results.patient import PatientStudy, read_patient_study
 from aiworker.results.uids import message_control_id
 
 VERSION = "2.5.1"
@@ -50,6 +61,9 @@ ACL_CODES = {"torn": ("ACL-TORN", "Anterior cruciate ligament torn"),
              "intact": ("ACL-INTACT", "Anterior cruciate ligament intact")}
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
+_UNESCAPES = {sequence: char for char, sequence in _ESCAPES}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SEQUENCE = re.compile(r"\\[EFSTR]\\")
 
 
 @dataclass(frozen=True)
@@ -74,27 +88,37 @@ class Hl7Settings:
 
 
 def escape(text: str) -> str:
-    """``text`` with HL7's delimiters replaced by their escape sequences."""
+    """``text`` as one HL7 value: its control characters (CR, LF, ...) as spaces, the
+    message's delimiters (``| ^ & ~ \\``) as their escape sequences."""
+    text = _CONTROL.sub(" ", text)
     for char, sequence in _ESCAPES:
         text = text.replace(char, sequence)
     return text
 
 
+def unescape(text: str) -> str:
+    """The value an escaped HL7 text stands for (the inverse of :func:`escape` but for the
+    control characters it made spaces)."""
+    return _SEQUENCE.sub(lambda match: _UNESCAPES[match.group(0)], text)
+
+
 def build_oru(source_dataset: Dataset, findings: dict[str, Any], report: str,
               manifest: Manifest, model_id: str,
               settings: Hl7Settings | Mapping[str, Any] | None = None,
-              created: datetime | None = None) -> str:
+              created: datetime | None = None, *, patient: PatientStudy | None = None
+              ) -> str:
     """The ORU^R01 (ER7, segments ended by ``\\r``) reporting ``findings`` and ``report``
     of ``model_id`` on the series of ``source_dataset``; ``created`` (default: now) is
-    MSH-7."""
+    MSH-7; ``patient`` (default: read from ``source_dataset``) the patient and study."""
     settings = Hl7Settings.of(settings)
+    patient = patient or read_patient_study(source_dataset)
     message = Message("ORU_R01", version=VERSION, validation_level=STRICT)
     _msh(message.msh, source_dataset, model_id, settings, created)
     result = message.add_group("ORU_R01_PATIENT_RESULT")
-    _pid(result.add_group("ORU_R01_PATIENT").add_segment("PID"), source_dataset)
+    _pid(result.add_group("ORU_R01_PATIENT").add_segment("PID"), patient)
     order = result.add_group("ORU_R01_ORDER_OBSERVATION")
-    _orc(order.add_segment("ORC"), source_dataset)
-    _obr(order.add_segment("OBR"), source_dataset, settings)
+    _orc(order.add_segment("ORC"), patient)
+    _obr(order.add_segment("OBR"), patient, settings)
     for number, (kind, code, value, unit) in enumerate(
             _observations(findings, report, manifest), start=1):
         _obx(order.add_group("ORU_R01_OBSERVATION").add_segment("OBX"),
@@ -102,7 +126,7 @@ def build_oru(source_dataset: Dataset, findings: dict[str, Any], report: str,
     message.validate()
     segments = message.to_er7().split(SEGMENT_SEPARATOR)
     at = next(k for k, s in enumerate(segments) if s.startswith("OBR|")) + 1
-    segments.insert(at, zds(source_dataset, settings).to_er7())
+    segments.insert(at, zds(patient, settings).to_er7())
     return SEGMENT_SEPARATOR.join(segments) + SEGMENT_SEPARATOR
 
 
@@ -120,30 +144,28 @@ def _msh(msh: Segment, ds: Dataset, model_id: str, settings: Hl7Settings,
     msh.msh_18 = "UNICODE UTF-8"
 
 
-def _pid(pid: Segment, ds: Dataset) -> None:
+def _pid(pid: Segment, patient: PatientStudy) -> None:
     """Patient identification from the DICOM patient module."""
     pid.pid_1 = "1"
-    pid.pid_3 = escape(str(ds.get("PatientID", "") or ""))
-    for name in patient_names(ds):
+    pid.pid_3 = escape(patient.patient_id) or '""'  # required: HL7's explicit null
+    for name in patient_names(patient.patient_name):
         pid.add_field("PID_5").value = name
-    birth = str(ds.get("PatientBirthDate", "") or "")
-    if birth:
-        pid.pid_7 = birth
-    sex = str(ds.get("PatientSex", "") or "")
-    if sex:
-        pid.pid_8 = sex
+    if patient.patient_birth_date:
+        pid.pid_7 = escape(patient.patient_birth_date)
+    if patient.patient_sex:
+        pid.pid_8 = escape(patient.patient_sex)
 
 
-def patient_names(ds: Dataset) -> list[str]:
-    """PID-5 repetitions (XPN) of the DICOM PatientName: the alphabetic group as the legal
+def patient_names(name: str) -> list[str]:
+    """PID-5 repetitions (XPN) of a DICOM PN value: the alphabetic group as the legal
     name, then the ideographic and phonetic groups, if any, with XPN-8 ``I`` and ``P``."""
-    name = ds.get("PatientName")
     if not name:
         return []
-    groups = (("", name.alphabetic), ("I", name.ideographic), ("P", name.phonetic))
+    alphabetic, ideographic, phonetic = (name.split("=") + ["", ""])[:3]
+    groups = (("", alphabetic), ("I", ideographic), ("P", phonetic))
     names = []
     for representation, group in groups:
-        parts = (str(group).split("^") + [""] * 5)[:5] if group else []
+        parts = (group.split("^") + [""] * 5)[:5] if group else []
         if not any(parts):
             continue
         family, given, middle, prefix, suffix = (escape(p) for p in parts)
@@ -152,44 +174,44 @@ def patient_names(ds: Dataset) -> list[str]:
     return names
 
 
-def _orc(orc: Segment, ds: Dataset) -> None:
+def _orc(orc: Segment, patient: PatientStudy) -> None:
     """Common order: a result (RE) of the order the accession number names."""
     orc.orc_1 = "RE"
-    accession = escape(str(ds.get("AccessionNumber", "") or ""))
+    accession = escape(patient.accession_number)
     if accession:
         orc.orc_2 = accession
         orc.orc_3 = accession
 
 
-def _obr(obr: Segment, ds: Dataset, settings: Hl7Settings) -> None:
+def _obr(obr: Segment, patient: PatientStudy, settings: Hl7Settings) -> None:
     """Observation request: order numbers, service, study date-time, status P."""
     obr.obr_1 = "1"
-    accession = escape(str(ds.get("AccessionNumber", "") or ""))
+    accession = escape(patient.accession_number)
     if accession:
         obr.obr_2 = accession
         obr.obr_3 = accession
     obr.obr_4 = "^".join(escape(v) for v in (settings.service_code, settings.service_text,
                                              settings.service_coding_system))
-    when = study_datetime(ds)
+    when = study_datetime(patient)
     if when:
         obr.obr_7 = when
     obr.obr_25 = "P"
 
 
-def study_datetime(ds: Dataset) -> str:
+def study_datetime(patient: PatientStudy) -> str:
     """StudyDate + StudyTime as an HL7 TS (``YYYYMMDD[HHMM[SS]]``); empty without a date."""
-    date = str(ds.get("StudyDate", "") or "").strip()[:8]
+    date = patient.study_date
     if len(date) != 8 or not date.isdigit():
         return ""
-    time = str(ds.get("StudyTime", "") or "").strip().split(".")[0].replace(":", "")
+    time = patient.study_time.split(".")[0]
     return date + (time[:6] if time.isdigit() and len(time) in (2, 4, 6) else "")
 
 
-def zds(ds: Dataset, settings: Hl7Settings) -> Segment:
+def zds(patient: PatientStudy, settings: Hl7Settings) -> Segment:
     """The IHE ZDS segment: ZDS-1 (RP) points to the study by its Study Instance UID."""
     segment = Segment("ZDS", version=VERSION, validation_level=STRICT)
     pointer = Field("ZDS_1", datatype="RP", version=VERSION, validation_level=STRICT)
-    pointer.rp_1 = str(ds.StudyInstanceUID)
+    pointer.rp_1 = escape(patient.study_instance_uid)
     pointer.rp_2 = escape(settings.sending_application)
     pointer.rp_3 = "Application"
     pointer.rp_4 = "DICOM"

@@ -6,14 +6,18 @@ and the RIS: ``seg.dcm`` (:mod:`~aiworker.results.seg`), ``sr.dcm``
 (:mod:`~aiworker.results.report`), ``oru.hl7`` (:mod:`~aiworker.results.hl7`, carrying the
 report) and ``preview.png`` (:mod:`~aiworker.results.preview`, for the dashboard and the
 reader); with ``secondary_capture`` also ``sc.dcm``, the preview as a DICOM Secondary
-Capture for PACS viewers that cannot show a SEG. Each file is written under a temporary
-name, fsynced and renamed, so a crash never leaves half an object under its real name. Their
-UIDs and the HL7 control id are derived from the series and the model, so writing them again
-gives the same objects.
+Capture for PACS viewers that cannot show a SEG; and ``warnings.json``, the source header
+values the objects do not carry as they were (see :mod:`~aiworker.results.patient`: the
+patient and study are read once, cleaned, and every object carries the same). Each file is
+written under a temporary name, fsynced and renamed, so a crash never leaves half an object
+under its real name. Their UIDs and the HL7 control id are derived from the series and the
+model, so writing them again gives the same objects.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +31,7 @@ import pydicom
 from aiworker.infer.manifest import Manifest
 from aiworker.infer.volume import LoadedSeries
 from aiworker.results.hl7 import Hl7Settings, build_oru
+from aiworker.results.patient import read_patient_study, sanitized_source
 from aiworker.results.preview import (
     PreviewError,
     acl_label,
@@ -41,12 +46,15 @@ from aiworker.results.sr import SRError, build_sr
 from aiworker.store.spool import fsync_path
 
 SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE = "seg.dcm", "sr.dcm", "report.txt", "oru.hl7"
-PREVIEW_FILE, SC_FILE = "preview.png", "sc.dcm"
+PREVIEW_FILE, SC_FILE, WARNINGS_FILE = "preview.png", "sc.dcm", "warnings.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ResultFiles:
-    """The written objects, and seconds spent building each kind."""
+    """The written objects, seconds spent building each kind, and the header warnings
+    (``attribute``, ``problem``, ``action``, ``text``; never a value) also written to
+    ``warnings``' file, :data:`WARNINGS_FILE`."""
 
     seg: Path
     sr: Path
@@ -55,6 +63,8 @@ class ResultFiles:
     preview: Path
     sc: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    warnings_file: Path | None = None
 
 
 def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: LoadedSeries,
@@ -65,24 +75,33 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
     ``loaded`` (read from ``source_paths``) into ``folder``; the Secondary Capture too when
     ``secondary_capture``."""
     folder.mkdir(parents=True, exist_ok=True)
-    datasets = [pydicom.dcmread(path) for path in source_paths]
+    raw = [pydicom.dcmread(path) for path in source_paths]
+    patient = read_patient_study(raw[0])
+    datasets = [sanitized_source(ds, patient) for ds in raw]
+    for warning in patient.warnings:
+        log.warning("series %s: source header %s", loaded.series_uid, warning.text)
     timings: dict[str, float] = {}
-    seg = _timed(timings, "seg", lambda: build_seg(datasets, loaded, labels, manifest, model_id))
-    sr = _timed(timings, "sr", lambda: build_sr(datasets, seg, findings, manifest, model_id))
+    seg = _timed(timings, "seg", lambda: build_seg(datasets, loaded, labels, manifest, model_id,
+                                                   patient=patient))
+    sr = _timed(timings, "sr", lambda: build_sr(datasets, seg, findings, manifest, model_id,
+                                                patient=patient))
     report = _timed(timings, "report", lambda: report_text(
-        datasets[0], SeriesInfo.from_dataset(datasets[0]), findings, manifest))
-    message = _timed(timings, "hl7", lambda: build_oru(datasets[0], findings, report, manifest,
-                                                       model_id, Hl7Settings.of(hl7_settings)))
+        datasets[0], SeriesInfo.from_dataset(datasets[0]), findings, manifest,
+        patient=patient))
+    message = _timed(timings, "hl7", lambda: build_oru(
+        datasets[0], findings, report, manifest, model_id, Hl7Settings.of(hl7_settings),
+        patient=patient))
     started = time.perf_counter()
     k = preview_slice(labels, acl_label(manifest))
     image = render_preview(loaded, labels, manifest, slice_index=k)
     files = ResultFiles(folder / SEG_FILE, folder / SR_FILE, folder / REPORT_FILE,
-                        folder / HL7_FILE, folder / PREVIEW_FILE, timings=timings)
+                        folder / HL7_FILE, folder / PREVIEW_FILE, timings=timings,
+                        warnings=patient.warning_dicts(), warnings_file=folder / WARNINGS_FILE)
     _write(files.preview, lambda path: image.save(path, format="PNG"))
     if secondary_capture:
         source, frame = slice_source(datasets, loaded, k)
         sc = build_secondary_capture(source, image, model_id, loaded.series_uid,
-                                     source_frame=frame)
+                                     source_frame=frame, patient=patient)
         files.sc = folder / SC_FILE
         _write(files.sc, lambda path: sc.save_as(path, enforce_file_format=True))
     timings["preview"] = round(time.perf_counter() - started, 4)
@@ -90,6 +109,8 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
     _write(files.sr, lambda path: sr.save_as(path, enforce_file_format=True))
     _write(files.report, lambda path: path.write_text(report, encoding="utf-8"))
     _write(files.hl7, lambda path: path.write_bytes(message.encode("utf-8")))
+    _write(files.warnings_file, lambda path: path.write_text(
+        json.dumps(files.warnings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
     return files
 
 
@@ -114,7 +135,8 @@ def write_job_objects(folder: Path, source_paths: Sequence[Path | str], loaded: 
                       ) -> dict[str, float]:
     """The inference process's hook (``WorkerSettings.write_objects``): write a done job's
     result objects with :func:`write_results`; seconds per kind (``seg``, ``sr``, ``report``,
-    ``hl7``, ``preview``). ``options`` are the job's pipeline's: ``hl7`` (the
+    ``hl7``, ``preview``); the header warnings are in the folder's :data:`WARNINGS_FILE`.
+    ``options`` are the job's pipeline's: ``hl7`` (the
     :class:`Hl7Settings` fields) and ``secondary_capture``. Labels or a source that cannot
     make them raise ``ValueError``, which fails the job as ``data``."""
     options = options or {}

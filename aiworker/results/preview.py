@@ -6,8 +6,9 @@ The picture is the most informative source slice (the one through the most ACL, 
 model's manifest on it in the label's colour (:data:`OPACITY` blend and a one-pixel outline),
 scaled so that a millimetre is as long across as down (:func:`display_size`), with a legend
 of the labels on that slice beside it (:func:`legend_entries`) and a title line above saying
-what it is. It carries no patient data; the Secondary Capture carries the source's patient
-and study modules like any other result of the job.
+what it is. It carries no patient data; the Secondary Capture carries the job's cleaned
+patient and study (:class:`~aiworker.results.patient.PatientStudy`, in UTF-8) like any
+other result of the job.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydicom.sr.codedict import codes
 import aiworker
 from aiworker.infer.manifest import Label, Manifest
 from aiworker.infer.volume import LoadedSeries
+from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
 from aiworker.results.uids import result_uid
 
 TITLE = "AI preview - not for diagnostic use"
@@ -118,10 +120,14 @@ def write_png(image: Image.Image, path: Path) -> Path:
 
 def build_secondary_capture(source_dataset: Dataset, image: Image.Image, model_id: str,
                             series_uid: str, *, series_number: int | None = None,
-                            source_frame: int | None = None) -> Dataset:
+                            source_frame: int | None = None,
+                            patient: PatientStudy | None = None) -> Dataset:
     """The preview ``image`` as an RGB Secondary Capture in the study of ``source_dataset``
     (the instance of the previewed slice; ``source_frame`` its 1-based frame if it is
-    multi-frame), made by ``model_id`` (``name@version``) from the series ``series_uid``."""
+    multi-frame), made by ``model_id`` (``name@version``) from the series ``series_uid``;
+    ``patient`` (default: read from the source) is the patient and study it carries."""
+    patient = patient or read_patient_study(source_dataset)
+    source_dataset = sanitized_source(source_dataset, patient)
     pixels = np.asarray(image.convert("RGB"))
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source_dataset,
@@ -146,7 +152,7 @@ def build_secondary_capture(source_dataset: Dataset, image: Image.Image, model_i
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = "Segmentation overlay on a source slice; not for diagnostic use"
     sc.SourceImageSequence = [_source_reference(source_dataset, source_frame)]
-    return sc
+    return patient.to_dataset(sc)  # highdicom's SC takes only the type 2 patient and study
 
 
 def _labels(manifest: Manifest) -> list[Label]:

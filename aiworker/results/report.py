@@ -25,6 +25,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from aiworker.infer.manifest import Manifest
+from aiworker.results.patient import PatientStudy, read_patient_study
 
 WIDTH = 72
 DISCLAIMER = "Preliminary AI result, not verified by a radiologist, not for diagnostic use."
@@ -48,13 +49,14 @@ class SeriesInfo:
 
 
 def report_text(source_dataset: Dataset, series_info: SeriesInfo, findings: dict[str, Any],
-                manifest: Manifest) -> str:
+                manifest: Manifest, *, patient: PatientStudy | None = None) -> str:
     """The report of ``findings`` (the infer stage's findings dict) made by ``manifest``'s
-    model on the series ``series_info`` of the study of ``source_dataset``."""
+    model on the series ``series_info`` of the study of ``source_dataset`` (its study as
+    ``patient`` gives it, default: read from ``source_dataset``)."""
     volumes = _volumes(findings, manifest)
     acl = findings.get("classification", {}).get("acl")
     sections = [
-        ("EXAM", [_exam(source_dataset)]),
+        ("EXAM", [_exam(patient or read_patient_study(source_dataset))]),
         ("TECHNIQUE", [_technique(series_info, manifest)]),
         ("FINDINGS", _findings(volumes, acl)),
         ("IMPRESSION", _impression(volumes, acl)),
@@ -72,16 +74,15 @@ def _volumes(findings: dict[str, Any], manifest: Manifest) -> dict[str, float]:
     return {label.name: float(measured.get(label.name, 0.0)) for label in labels}
 
 
-def _exam(ds: Dataset) -> str:
+def _exam(patient: PatientStudy) -> str:
     """Study description and date of the study."""
-    description = str(ds.get("StudyDescription", "") or "").strip() or "MRI (no description)"
-    return f"{description}, {study_datetime_text(ds)}."
+    description = patient.study_description or "MRI (no description)"
+    return f"{description}, {study_datetime_text(patient)}."
 
 
-def study_datetime_text(ds: Dataset) -> str:
+def study_datetime_text(patient: PatientStudy) -> str:
     """StudyDate and StudyTime as ``YYYY-MM-DD HH:MM`` (date only without a time)."""
-    date = str(ds.get("StudyDate", "") or "").strip()
-    time = str(ds.get("StudyTime", "") or "").strip()
+    date, time = patient.study_date, patient.study_time
     try:
         day = datetime.strptime(date[:8], "%Y%m%d")
     except ValueError:

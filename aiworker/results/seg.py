@@ -28,7 +28,9 @@ slices of the loaded source series) into one Segmentation object in the source s
   ``SERIES_NUMBER_BASE + source series number`` (or :data:`SERIES_NUMBER_BASE` when the
   source has none) unless the caller gives one; SOP Instance and Series Instance UIDs from
   :func:`aiworker.results.uids.result_uid`, so building again gives the same object;
-* patient, study and Frame of Reference copied from the source by highdicom; the source's
+* patient and study from :class:`~aiworker.results.patient.PatientStudy` (the source's,
+  cleaned: highdicom copies them from sanitized copies of the sources, in UTF-8), Frame of
+  Reference copied from the source by highdicom; the source's
   laterality (series ``Laterality``, ``ImageLaterality`` or an Enhanced MR instance's
   ``FrameLaterality``) as every segment's property
   type modifier (SCT Right or Left), the Segmentation IOD's place for it: the object has
@@ -47,6 +49,7 @@ from pydicom.sr.codedict import codes
 import aiworker
 from aiworker.infer.manifest import Code, Label, Manifest
 from aiworker.infer.volume import LoadedSeries
+from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
 from aiworker.results.uids import result_uid
 
 SERIES_DESCRIPTION = "AI knee segmentation (not for diagnostic use)"
@@ -62,10 +65,12 @@ class SegError(Exception):
 
 def build_seg(source_datasets: Sequence[Dataset], loaded: LoadedSeries, labels: np.ndarray,
               manifest: Manifest, model_id: str, *, kind: str = "binary",
-              series_number: int | None = None) -> Dataset:
+              series_number: int | None = None, patient: PatientStudy | None = None
+              ) -> Dataset:
     """The Segmentation of ``labels`` (``(slices, rows, columns)``, slice k on
     ``loaded``'s slice k) made by the model ``model_id`` (``name@version``) described by
-    ``manifest``; ``kind`` is ``binary`` or ``labelmap``."""
+    ``manifest``; ``kind`` is ``binary`` or ``labelmap``; ``patient`` (default: read from
+    the first source) is the patient and study it carries."""
     if kind not in KINDS:
         raise SegError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if manifest.outputs.segmentation is None:
@@ -73,6 +78,9 @@ def build_seg(source_datasets: Sequence[Dataset], loaded: LoadedSeries, labels: 
     if labels.shape[0] != loaded.slices:
         raise SegError(f"labels have {labels.shape[0]} slices, the series {loaded.slices}")
     entries = manifest.outputs.segmentation.labels
+    if source_datasets and patient is None:
+        patient = read_patient_study(source_datasets[0])
+    source_datasets = [sanitized_source(ds, patient) for ds in source_datasets]
     sources, frames = _sources_and_frames(source_datasets, loaded, labels)
     pixels = _segment_numbers(frames, entries)
     first = sources[0]

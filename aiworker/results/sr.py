@@ -23,7 +23,8 @@
 * series description :data:`SERIES_DESCRIPTION`, series number ``SERIES_NUMBER_BASE +
   source series number`` unless the caller gives one, SOP Instance and Series Instance UIDs
   from :func:`aiworker.results.uids.result_uid`, so building again gives the same object;
-  patient and study copied from the source by highdicom; flags: complete, preliminary,
+  patient and study from :class:`~aiworker.results.patient.PatientStudy` (copied by
+  highdicom from a sanitized copy of the first source, in UTF-8); flags: complete, preliminary,
   unverified (an AI result no radiologist has read);
 * every source instance and the SEG are listed as evidence (Current Requested Procedure
   Evidence Sequence).
@@ -48,6 +49,7 @@ from pydicom.uid import generate_uid
 import aiworker
 from aiworker.infer.manifest import Code as ManifestCode
 from aiworker.infer.manifest import Label, Manifest
+from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
 from aiworker.results.uids import result_uid
 
 SERIES_DESCRIPTION = "AI knee measurements (not for diagnostic use)"
@@ -71,12 +73,16 @@ class SRError(Exception):
 
 def build_sr(source_datasets: Sequence[Dataset], seg_dataset: Dataset,
              findings: Mapping[str, Any], manifest: Manifest, model_id: str, *,
-             series_number: int | None = None) -> Dataset:
+             series_number: int | None = None, patient: PatientStudy | None = None
+             ) -> Dataset:
     """The Measurement Report of ``findings`` (a job's ``findings.json``) made by the model
     ``model_id`` (``name@version``) described by ``manifest``, on the series of
-    ``source_datasets`` and segmented in ``seg_dataset``."""
+    ``source_datasets`` and segmented in ``seg_dataset``; ``patient`` (default: read from
+    the first source) is the patient and study it carries."""
     if not source_datasets:
         raise SRError("no source instances: the report needs the series it measured")
+    patient = patient or read_patient_study(source_datasets[0])
+    source_datasets = [sanitized_source(ds, patient) for ds in source_datasets]
     source = source_datasets[0]
     series_uid = str(source.SeriesInstanceUID)
     _check_series(findings, seg_dataset, series_uid)
