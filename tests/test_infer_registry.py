@@ -105,7 +105,7 @@ def test_missing_name_is_named():
 def test_unknown_format_lists_the_allowed_ones():
     (line,) = problems(format="onnx")
     assert line.startswith(f"{HERE}: format: ")
-    assert "'torchscript', 'monai_bundle' or 'state_dict'" in line and "'onnx'" in line
+    assert "'torchscript', 'monai_bundle', 'state_dict' or 'nnunet_v2'" in line and "'onnx'" in line
 
 
 def test_bad_colour_names_the_component():
@@ -266,8 +266,12 @@ def same_output(original: torch.nn.Module, loaded: torch.nn.Module) -> None:
         torch.testing.assert_close(loaded(x), original(x))
 
 
-def spec_for(folder: Path, **fields: Any):
+def spec_for(folder: Path, files: Any = None, **fields: Any):
+    """The spec of a model written in ``folder``; ``files(folder)``, when given, writes its
+    files before the registry (which checks a bundle's files) reads it."""
     write_model(folder.parent, folder.name, **fields)
+    if files is not None:
+        files(folder)
     return Registry(folder.parent, bundled_dir=folder / "absent").get(VALID["name"])
 
 
@@ -332,24 +336,27 @@ def write_bundle(bundle: Path, original: torch.nn.Module) -> None:
 def test_monai_bundle_loader(tmp_path):
     original = tiny_unet()
     folder = tmp_path / "bundle-model"
-    spec = spec_for(folder, format="monai_bundle", network=None, weights="bundle")
-    write_bundle(folder / "bundle", original)
+    spec = spec_for(folder, lambda f: write_bundle(f / "bundle", original),
+                    format="monai_bundle", network=None, weights="bundle")
     same_output(original, load_model(spec, "cpu"))
 
 
 def test_monai_bundle_with_torchscript(tmp_path):
     original = torch.nn.Conv3d(1, 2, kernel_size=3, padding=1).eval()
     folder = tmp_path / "bundle-model"
-    spec = spec_for(folder, format="monai_bundle", network=None)
-    (folder / "models").mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(original), str(folder / "models" / "model.ts"))
+
+    def files(folder: Path) -> None:
+        (folder / "models").mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(original), str(folder / "models" / "model.ts"))
+
+    spec = spec_for(folder, files, format="monai_bundle", network=None)
     same_output(original, load_model(spec, "cpu"))
 
 
 def test_monai_bundle_without_weights(tmp_path):
     folder = tmp_path / "bundle-model"
-    spec = spec_for(folder, format="monai_bundle", network=None)
-    with pytest.raises(ModelError, match="holds neither model.pt nor model.ts"):
-        load_model(spec)
+    with pytest.raises(ManifestError) as caught:  # when the registry reads it: at start
+        spec_for(folder, format="monai_bundle", network=None)
+    assert caught.value.problems == [f"{folder / 'models'}: holds neither model.pt nor model.ts"]

@@ -8,10 +8,17 @@ when torch sees a GPU, else the CPU), and then runs any number of series. A run:
 2. **model**: MONAI sliding-window inference over the ROI of the manifest with batched
    windows, under ``torch.inference_mode`` and, on a GPU, autocast to the manifest's AMP
    dtype;
-3. **postprocess**: argmax, optionally the largest connected part of each label, and the
-   classification heads (measured on the label map in model space);
+3. **postprocess**: argmax, optionally the largest connected part of each label, the
+   classification heads (measured on the label map in model space) and, when the
+   manifest's quality gate checks it, the model's confidence in each label (mean
+   max-softmax, :func:`aiworker.infer.gate.structure_confidence`; ``Result.confidence``);
 4. **resample**: the label map back onto the first input series by nearest neighbour, so
    slice k of the result belongs to that series' slice k; volumes are counted there.
+
+An nnU-Net model (format ``nnunet_v2``) runs steps 1, 2 and 4 as nnU-Net does
+(:class:`aiworker.infer.nnunet.NnunetModel`: its preprocessing, sliding window, fold
+ensemble and resampling, on the input series as loaded); the label map is then cleaned,
+measured and classified as any model's, on the source slices.
 
 Failures carry a ``kind``: :class:`ModelError` (``model``: the network rejects the input
 shape or its output does not fit the manifest) and :class:`ResourceError` (``resource``: out
@@ -32,6 +39,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from aiworker.infer import findings
+from aiworker.infer.gate import structure_confidence
 from aiworker.infer.manifest import Manifest, ModelError
 from aiworker.infer.preprocess import ModelInput, labels_image, model_input, voxel_ml
 from aiworker.infer.registry import ModelSpec, load_model, model_id
@@ -55,6 +63,8 @@ class Result:
     findings: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    # label value -> mean max-softmax inside it (None: not measured, or no probabilities)
+    confidence: dict[int, float] | None = None
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -71,7 +81,14 @@ class Engine:
         self.spec = spec
         self.manifest: Manifest = spec.manifest
         self.device = pick_device(device)
-        self.network = load_model(spec, self.device)
+        self.nnunet: Any = None
+        self.network: torch.nn.Module | None = None
+        if self.manifest.format == "nnunet_v2":
+            from aiworker.infer.nnunet import NnunetModel
+
+            self.nnunet = NnunetModel(self.manifest, spec.folder, self.device)
+        else:
+            self.network = load_model(spec, self.device)
         self._cpu_network: torch.nn.Module | None = None
 
     @property
@@ -80,6 +97,8 @@ class Engine:
 
     def run(self, series: list[LoadedSeries]) -> Result:
         """Segment and classify ``series`` (one per input channel, in channel order)."""
+        if self.nnunet is not None:
+            return self._run_nnunet(series)
         timings: dict[str, float] = {}
         started = time.perf_counter()
         prepared = model_input([s.image for s in series], self.manifest.input)
@@ -89,6 +108,7 @@ class Engine:
         timings["model"] = _since(started)
         started = time.perf_counter()
         labels = self.labels_from_logits(logits)
+        confidence = self.confidence(logits, labels)
         heads = self.classify(labels, prepared)
         timings["postprocess"] = _since(started)
         started = time.perf_counter()
@@ -99,7 +119,43 @@ class Engine:
         timings["resample"] = _since(started)
         result_findings = {"model": self.model_id, "series_uid": series[0].series_uid,
                            "volumes_ml": volumes, "classification": heads}
-        return Result(on_source, label_image, result_findings, timings, device.type)
+        return Result(on_source, label_image, result_findings, timings, device.type, confidence)
+
+    def confidence(self, logits: np.ndarray, labels: np.ndarray) -> dict[int, float] | None:
+        """Mean max-softmax inside each predicted label (what the quality gate's
+        ``min_confidence`` reads), or None when the manifest's gate does not check it."""
+        gate = self.manifest.gate
+        segmentation = self.manifest.outputs.segmentation
+        if gate is None or not gate.output.min_confidence or segmentation is None:
+            return None
+        return structure_confidence(logits, labels, [lb.value for lb in segmentation.labels])
+
+    def _run_nnunet(self, series: list[LoadedSeries]) -> Result:
+        """nnU-Net's label map on the first series' slices, then cleaned and measured there
+        (a classification head reads the source series' own intensities)."""
+        try:
+            on_source, timings = self.nnunet.segment([s.image for s in series])
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ResourceError(f"out of GPU memory on {self.device}") from exc
+        except Exception as exc:  # whatever nnU-Net raises on our input is the model's
+            raise ModelError(f"{self.model_id}: nnU-Net fails on an input of size "
+                             f"{series[0].image.GetSize()}: {_first_line(exc)}") from exc
+        started = time.perf_counter()
+        segmentation = self.manifest.outputs.segmentation
+        if segmentation and segmentation.largest_component:
+            on_source = findings.largest_components(
+                on_source, [label.value for label in segmentation.labels])
+        spacing = series[0].image.GetSpacing()
+        heads = {head.name: findings.classify(head, on_source.transpose(2, 1, 0),
+                                              series[0].array().transpose(2, 1, 0), spacing)
+                 for head in self.manifest.outputs.classification}
+        label_image = sitk.GetImageFromArray(on_source)
+        label_image.CopyInformation(series[0].image)
+        volumes = findings.volumes_ml(on_source, voxel_ml(series[0].image), self.manifest)
+        timings["postprocess"] = _since(started)
+        result_findings = {"model": self.model_id, "series_uid": series[0].series_uid,
+                           "volumes_ml": volumes, "classification": heads}
+        return Result(on_source, label_image, result_findings, timings, self.device.type)
 
     def infer(self, array: np.ndarray, device: torch.device | None = None) -> np.ndarray:
         """Logits (classes, x, y, z) for a model input array (channels, x, y, z)."""

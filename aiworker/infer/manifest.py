@@ -9,7 +9,7 @@ for (intended-use text). An example::
 
     name: knee-demo
     version: 0.1.0
-    format: state_dict            # torchscript | monai_bundle | state_dict
+    format: state_dict            # torchscript | monai_bundle | state_dict | nnunet_v2
     weights: model.pt             # relative to the folder; default per format
     network:                      # state_dict only: a MONAI network and its arguments
       class: UNet                 # short name in monai.networks.nets, or a dotted path
@@ -51,6 +51,12 @@ for (intended-use text). An example::
             intercept: -0.2
     intended_use: Research demonstration on synthetic phantoms; not a medical device.
 
+A ``gate:`` section sets the quality gate's limits (:class:`aiworker.infer.gate.GateSpec`;
+without it a model's results pass ungated).
+
+Format ``nnunet_v2`` takes an ``nnunet:`` section and ``monai_bundle`` an optional
+``bundle:`` section (:class:`NnunetV2`, :class:`Bundle`; docs/byo-model.md has examples).
+
 :func:`load_manifest` reads and checks one file; a bad manifest raises
 :class:`ManifestError` with one line per problem: the file, the key path, what is wrong
 and the bad value.
@@ -59,11 +65,14 @@ and the bad value.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aiworker.infer.gate import GateSpec, label_problems
 
 MANIFEST_NAME = "model.yaml"
 
@@ -280,18 +289,47 @@ class Outputs(_Section):
         return self
 
 
+class NnunetV2(_Section):
+    """Format ``nnunet_v2``: the nnU-Net v2 results folder (the trainer folder holding
+    ``dataset.json``, ``plans.json`` and ``fold_N/``; absolute, or relative to the model
+    folder), its configuration, the folds ensembled, the checkpoint file, test-time
+    mirroring, the sliding-window step (a fraction of the patch) and the series role of
+    each ``dataset.json`` channel name."""
+
+    results: str = "."
+    configuration: str = Field(min_length=1)
+    folds: list[Annotated[int, Field(ge=0)] | Literal["all"]] = Field(min_length=1)
+    checkpoint: str = Field("checkpoint_final.pth", pattern=r"^[^/\\]+$")
+    mirroring: bool = True
+    step_size: float = Field(0.5, gt=0, le=1)
+    channels: dict[str, Name] = {}
+
+
+class Bundle(_Section):
+    """Format ``monai_bundle``: the config in ``configs/`` (default: inference.json, .yaml
+    or .yml), its key of the network (default network_def, else network) and the key of
+    the model's state in a checkpoint dict (default: the config's CheckpointLoader's)."""
+
+    config: str | None = Field(None, pattern=r"^[^/\\]+$")
+    network_key: str | None = None
+    checkpoint_key: str | None = None
+
+
 class Manifest(_Section):
     """A whole ``model.yaml``."""
 
     name: Name
     version: Version
-    format: Literal["torchscript", "monai_bundle", "state_dict"]
+    format: Literal["torchscript", "monai_bundle", "state_dict", "nnunet_v2"]
     weights: str | None = Field(None, description="file (or bundle folder) relative to the "
                                                   "model folder; default per format")
     network: Network | None = None
+    nnunet: NnunetV2 | None = None
+    bundle: Bundle | None = None
     input: Input
     inference: Inference = Inference()
     outputs: Outputs
+    gate: GateSpec | None = None  # the quality gate (aiworker.infer.gate); None: no gate
     intended_use: str = Field(min_length=1)
 
     @field_validator("weights")
@@ -304,8 +342,10 @@ class Manifest(_Section):
     @property
     def weights_path(self) -> str:
         """The weights file (or bundle folder) relative to the model folder."""
+        if self.format == "nnunet_v2" and self.nnunet is not None:
+            return self.nnunet.results
         defaults = {"torchscript": "model.ts", "state_dict": "model.pt", "monai_bundle": "."}
-        return self.weights or defaults[self.format]
+        return self.weights or defaults.get(self.format, ".")
 
     def to_yaml(self) -> str:
         """The manifest as YAML that :func:`parse_manifest` reads back to an equal one."""
@@ -319,17 +359,21 @@ def _repeated(what: str, values: list[Any]) -> str | None:
     return f"{what} must be unique; repeated: {', '.join(repeated)}" if repeated else None
 
 
-def load_manifest(path: Path) -> Manifest:
-    """Read and check the manifest file at ``path``."""
+Complete = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def load_manifest(path: Path, complete: Complete | None = None) -> Manifest:
+    """Read and check the manifest file at ``path`` (see :func:`parse_manifest`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError([f"{path}: cannot read the manifest: {exc.strerror}"]) from exc
-    return parse_manifest(text, path)
+    return parse_manifest(text, path, complete)
 
 
-def parse_manifest(text: str, path: Path) -> Manifest:
-    """Check manifest YAML ``text``; ``path`` names it in error lines."""
+def parse_manifest(text: str, path: Path, complete: Complete | None = None) -> Manifest:
+    """Check manifest YAML ``text``; ``path`` names it in error lines. ``complete``, when
+    given, fills what the manifest leaves to the model's own files (labels, channels)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -337,7 +381,7 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError([f"{path}: the top level must be a mapping of keys"])
     try:
-        manifest = Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(complete(raw) if complete else raw)
     except ValidationError as exc:
         raise ManifestError(_describe(exc, path)) from exc
     problems = _across_sections(manifest)
@@ -355,6 +399,7 @@ def _across_sections(manifest: Manifest) -> list[tuple[str, str]]:
                                     "args)"))
     if manifest.format != "state_dict" and network is not None:
         problems.append(("network", f"only for format state_dict, not {manifest.format}"))
+    problems += _format_sections(manifest)
     in_channels = network.args.get("in_channels") if network else None
     if in_channels is not None and in_channels != len(manifest.input.channels):
         problems.append(("network.args.in_channels",
@@ -369,6 +414,27 @@ def _across_sections(manifest: Manifest) -> list[tuple[str, str]]:
                 problems.append((f"outputs.classification.{index}.region.{key}",
                                  f"is not a value of outputs.segmentation.labels "
                                  f"(got {value!r})"))
+    if manifest.gate is not None:
+        problems += label_problems(manifest.gate, manifest)
+    return problems
+
+
+def _format_sections(manifest: Manifest) -> list[tuple[str, str]]:
+    """(key, problem) for the sections of one format: ``nnunet`` goes with nnunet_v2 (which
+    preprocesses by its plans, not by ``input``'s grid), ``bundle`` with monai_bundle."""
+    fmt, problems = manifest.format, []
+    if fmt == "nnunet_v2" and manifest.nnunet is None:
+        problems.append(("nnunet", "format nnunet_v2 needs nnunet (results folder, "
+                                   "configuration, folds)"))
+    if fmt == "nnunet_v2" and manifest.weights is not None:
+        problems.append(("weights", "not for format nnunet_v2: nnunet.results names the folder"))
+    if fmt == "nnunet_v2":
+        given = manifest.input.model_fields_set - {"channels"}
+        problems += [(f"input.{key}", "nnU-Net preprocesses as its plans say; not for format "
+                                      "nnunet_v2") for key in sorted(given)]
+    for key, owner in (("nnunet", "nnunet_v2"), ("bundle", "monai_bundle")):
+        if getattr(manifest, key) is not None and fmt != owner:
+            problems.append((key, f"only for format {owner}, not {fmt}"))
     return problems
 
 

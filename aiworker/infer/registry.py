@@ -9,22 +9,29 @@ weights. The registry looks in two places, one folder level deep:
 A site model with the same ``name@version`` as a bundled one replaces it. A bare ``name``
 resolves to the highest version present (versions compare by their numeric parts first).
 
-:func:`load_model` returns a ``torch.nn.Module`` in eval mode on the given device, from
-TorchScript, a state dict plus a MONAI network class, or a MONAI bundle. Anything that
-stops a model from loading raises :class:`ModelError` (``kind == "model"``).
+Each format's own files are checked when the registry is made, beside the manifest
+(:mod:`aiworker.infer.bundle`, :mod:`aiworker.infer.nnunet`), and fill what the manifest
+leaves to them (labels, channels). :func:`load_model` returns a ``torch.nn.Module`` in eval
+mode on the given device, from TorchScript, a state dict plus a MONAI network class, or a
+MONAI bundle; an nnU-Net model is loaded by its predictor
+(:class:`aiworker.infer.nnunet.NnunetModel`). Anything that stops a model from loading
+raises :class:`ModelError` (``kind == "model"``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from aiworker.infer import bundle, nnunet
 from aiworker.infer.manifest import (
     MANIFEST_NAME,
+    Bundle,
     Manifest,
     ManifestError,
     ModelError,
@@ -36,8 +43,7 @@ if TYPE_CHECKING:  # torch is imported where a model is loaded: the node's own p
     import torch  # checks manifests without it
 
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
-BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
-BUNDLE_WEIGHTS = ("model.pt", "model.ts")
+FORMATS = {"monai_bundle": bundle, "nnunet_v2": nnunet}  # formats with files of their own
 
 
 @dataclass(frozen=True)
@@ -107,10 +113,22 @@ def _scan(root: Path | None, problems: list[str]) -> list[ModelSpec]:
     specs = []
     for path in sorted(root.glob(f"*/{MANIFEST_NAME}")):
         try:
-            specs.append(ModelSpec(load_manifest(path), path.parent))
+            manifest = load_manifest(path, functools.partial(_complete, folder=path.parent))
         except ManifestError as exc:
             problems.extend(exc.problems)
+            continue
+        found = FORMATS[manifest.format].check(manifest, path.parent) \
+            if manifest.format in FORMATS else []
+        problems.extend(found)
+        if not found:
+            specs.append(ModelSpec(manifest, path.parent))
     return specs
+
+
+def _complete(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``raw`` with what its format's own files say where the manifest is silent."""
+    module = FORMATS.get(raw.get("format")) if isinstance(raw.get("format"), str) else None
+    return module.complete(raw, folder) if module else raw
 
 
 def _version_key(version: str) -> tuple:
@@ -125,60 +143,26 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
 
     loaders = {"torchscript": _load_torchscript, "state_dict": _load_state_dict,
                "monai_bundle": _load_bundle}
+    if spec.manifest.format not in loaders:
+        raise ModelError(f"{model_id(spec)}: format {spec.manifest.format} runs through its "
+                         "own predictor, not as a torch.nn.Module")
     network = loaders[spec.manifest.format](spec)
     return network.to(torch.device(device)).eval()
 
 
 def _load_torchscript(spec: ModelSpec) -> torch.nn.Module:
-    return _jit_load(_existing(spec.weights, model_id(spec)), model_id(spec))
+    return jit_load(_existing(spec.weights, model_id(spec)), model_id(spec))
 
 
 def _load_state_dict(spec: ModelSpec) -> torch.nn.Module:
     assert spec.manifest.network is not None  # the manifest guarantees it for state_dict
     network = _build_network(spec.manifest.network, model_id(spec))
-    _load_weights(network, _existing(spec.weights, model_id(spec)), model_id(spec))
+    load_state(network, _existing(spec.weights, model_id(spec)), model_id(spec))
     return network
 
 
 def _load_bundle(spec: ModelSpec) -> torch.nn.Module:
-    """A MONAI bundle: ``models/model.pt`` into the network that ``configs/inference.*``
-    defines (``network_def``, else ``network``), or else ``models/model.ts``."""
-    bundle, mid = spec.weights, model_id(spec)
-    weights = next((bundle / "models" / name for name in BUNDLE_WEIGHTS
-                    if (bundle / "models" / name).is_file()), None)
-    if weights is None:
-        raise ModelError(f"{mid}: {bundle / 'models'} holds neither "
-                         f"{' nor '.join(BUNDLE_WEIGHTS)}")
-    if weights.suffix == ".ts":
-        return _jit_load(weights, mid)
-    network = _bundle_network(bundle, mid)
-    _load_weights(network, weights, mid)
-    return network
-
-
-def _bundle_network(bundle: Path, mid: str) -> torch.nn.Module:
-    """The network a bundle's inference config defines, built by MONAI's ConfigParser."""
-    import torch
-    from monai.bundle import ConfigParser
-
-    config = next((bundle / "configs" / name for name in BUNDLE_CONFIGS
-                   if (bundle / "configs" / name).is_file()), None)
-    if config is None:
-        raise ModelError(f"{mid}: {bundle / 'configs'} holds no {' / '.join(BUNDLE_CONFIGS)}")
-    parser = ConfigParser()
-    parser.read_config(config)
-    parser["bundle_root"] = str(bundle)
-    key = next((k for k in ("network_def", "network") if k in parser), None)
-    if key is None:
-        raise ModelError(f"{mid}: {config} defines neither network_def nor network")
-    try:
-        network = parser.get_parsed_content(key)
-    except Exception as exc:  # MONAI raises many kinds for a bad config
-        raise ModelError(f"{mid}: {config}: cannot build {key}: {exc}") from exc
-    if not isinstance(network, torch.nn.Module):
-        raise ModelError(f"{mid}: {config}: {key} is a {type(network).__name__}, "
-                         "not a torch.nn.Module")
-    return network
+    return bundle.load_bundle(spec.weights, spec.manifest.bundle or Bundle(), model_id(spec))
 
 
 def _build_network(network: Network, mid: str) -> torch.nn.Module:
@@ -210,8 +194,11 @@ def _network_class(name: str, mid: str) -> type[torch.nn.Module]:
     return cls
 
 
-def _load_weights(network: torch.nn.Module, path: Path, mid: str) -> None:
-    """Load a state dict saved with ``torch.save`` into ``network``, strictly."""
+def load_state(network: torch.nn.Module, path: Path, mid: str, key: str | None = None
+               ) -> None:
+    """Load a state dict saved with ``torch.save`` into ``network``, strictly; with ``key``,
+    a checkpoint dict holding the state under ``key`` (a file without that key is the state
+    itself, as MONAI's CheckpointLoader reads it)."""
     import torch
 
     try:
@@ -220,6 +207,11 @@ def _load_weights(network: torch.nn.Module, path: Path, mid: str) -> None:
         raise ModelError(f"{mid}: cannot read weights {path}: {exc}") from exc
     if not isinstance(state, dict):
         raise ModelError(f"{mid}: {path} holds a {type(state).__name__}, not a state dict")
+    if key is not None and key in state:
+        state = state[key]
+        if not isinstance(state, dict):
+            raise ModelError(f"{mid}: {path}'s {key!r} is a {type(state).__name__}, "
+                             "not a state dict")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -227,7 +219,7 @@ def _load_weights(network: torch.nn.Module, path: Path, mid: str) -> None:
                          f"(shape or key mismatch): {exc}") from exc
 
 
-def _jit_load(path: Path, mid: str) -> torch.nn.Module:
+def jit_load(path: Path, mid: str) -> torch.nn.Module:
     """Load TorchScript; torch's deprecation notice for the format is not repeated in our
     log, since TorchScript is a format the manifest promises to read."""
     import torch
