@@ -251,7 +251,7 @@ def stage_timings(db_path: Path, job: dict[str, Any]) -> list[tuple[str, float]]
 def print_results(console: Console, job: dict[str, Any], timings: list[tuple[str, float]],
                   files: dict[str, Path]) -> None:
     """The report, the ACL finding, the timings per stage and the received files."""
-    from aiworker.results.objects import REPORT_FILE
+    from aiworker.store.layout import REPORT_FILE
 
     report = (Path(job["result_dir"]) / REPORT_FILE).read_text(encoding="utf-8")
     console.print(Panel(report.rstrip(), title="Report (report.txt)", expand=False),
@@ -272,8 +272,7 @@ def print_results(console: Console, job: dict[str, Any], timings: list[tuple[str
 
 def run_demo(workdir: Path | None, timeout: float, keep: bool, console: Console) -> None:
     """The whole demo (see the module docstring); raises DemoError when it cannot finish."""
-    from aiworker.results.objects import PREVIEW_FILE
-    from aiworker.store.layout import DataPaths
+    from aiworker.store.layout import PREVIEW_FILE, DataPaths
 
     workdir = Path(tempfile.mkdtemp(prefix="aiworker-demo-")) if workdir is None else workdir
     workdir = workdir.resolve()

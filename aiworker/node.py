@@ -66,7 +66,7 @@ class Node:
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
         self.selector = SelectionWorker(self.db, pipelines, feature_settings(config))
         self.inferrer = InferenceWorker(self.db, worker_settings(
-            config, models, self.paths.root / "results",
+            config, models, self.paths.results,
             write_objects=write_job_objects,
             object_options=object_options(config), folder_lock=self.lock.shared()))
         self.outbox = OutboxStage(self.db, config, config.node.ae_title)

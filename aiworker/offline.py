@@ -45,6 +45,7 @@ from aiworker.select.features import FeatureSettings
 from aiworker.select.headers import StudyHeaders
 from aiworker.select.rules import load_rules, resolve_rules_path
 from aiworker.store.files import atomic_write
+from aiworker.store.layout import ResultFolder
 
 log = logging.getLogger("aiworker.infer")
 
@@ -151,7 +152,7 @@ def infer_study(study: StudyHeaders, run: Run) -> StudyResult:
     result.status, result.device, result.findings = DONE, reply.device, reply.findings
     result.output = reply.result_dir
     result.timings = reply.timings | {"total": round(time.perf_counter() - started, 4)}
-    atomic_write(Path(reply.result_dir or "") / "timings.json",
+    atomic_write(ResultFolder(Path(reply.result_dir or "")).timings,
                  json.dumps(result.timings, indent=2) + "\n")
     return result
 

@@ -7,6 +7,7 @@ Chromium checks the pages where a person would look.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from web_support import (
     CHROMIUM,
     TOKEN,
@@ -25,7 +27,9 @@ from web_support import (
     web_config,
 )
 
+from aiworker.results.patient import read_patient_study
 from aiworker.store.db import StateDB
+from aiworker.store.layout import ResultFolder
 from aiworker.store.outbox import Outbox
 
 T0 = time.time() - 3600  # an hour ago: every row is due at once
@@ -143,6 +147,25 @@ def test_failed_jobs_show_their_whole_error(db, written, tmp_path):
             text = http.get(path).text
             assert "TAIL-OF-ERROR" in text and "x" * 200 in text, path
             assert "<details" in text
+
+
+def test_header_warnings_are_shown_on_the_job_without_the_value(db, tmp_path):
+    """The warnings the results stage wrote for a Philips-style header (PatientSex 0000)
+    are on the job in the API (status --json's shape) and on the study page, naming the
+    attribute, never the value."""
+    source = Dataset()
+    source.PatientName, source.PatientSex, source.StudyDate = "DOE^JANE", "0000", "2024-01-05"
+    warnings = read_patient_study(source).warning_dicts()
+    folder = tmp_path / "results" / "job"
+    folder.mkdir(parents=True)
+    ResultFolder(folder).warnings.write_text(json.dumps(warnings))
+    processed_study(db, UID_A, T0, result_dir=str(folder))
+    with serving(db, web_config(tmp_path)) as http:
+        [job] = _study(http, UID_A)["selection"]["knee"]["jobs"]
+        assert {w["attribute"] for w in job["warnings"]} == {"PatientSex", "StudyDate"}
+        assert all("0000" not in w["text"] for w in job["warnings"])
+        page = http.get(f"/studies/{UID_A}").text
+        assert "Header warnings" in page and "PatientSex: " in page and "0000" not in page
 
 
 def test_the_viewer_link(db, written, tmp_path):

@@ -31,9 +31,9 @@ from aiworker.dispatch.stage import OutboxStage, dicom_objects, object_options
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series
-from aiworker.results.objects import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE, write_results
+from aiworker.results.objects import write_results
 from aiworker.store.db import NewJob, StateDB
-from aiworker.store.layout import DataPaths
+from aiworker.store.layout import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE, DataPaths
 from aiworker.store.outbox import DEAD, PENDING, SENT, Outbox
 
 pytestmark = needs_dcmtk

@@ -24,16 +24,22 @@ from support import dcmtk, needs_dcmtk, wait_until
 from test_infer_worker import TINY, write_model
 
 from aiworker.infer.registry import BUNDLED_MODELS
-from aiworker.infer.run import FINDINGS_FILE, LABELS_FILE
 from aiworker.infer.volume import load_series
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
 from aiworker.phantom.truth import truth_series
 from aiworker.results.hl7 import ACL_CODES
-from aiworker.results.objects import HL7_FILE, REPORT_FILE, SEG_FILE, SR_FILE
 from aiworker.results.report import DISCLAIMER
 from aiworker.results.sr import ABSENT, FINDING_CODES, PRESENT
 from aiworker.results.uids import result_uid
+from aiworker.store.layout import (
+    FINDINGS_FILE,
+    HL7_FILE,
+    LABELS_FILE,
+    REPORT_FILE,
+    SEG_FILE,
+    SR_FILE,
+)
 
 KNEE_DEMO = BUNDLED_MODELS / "knee_demo" / "model.yaml"
 needs_knee_demo = pytest.mark.skipif(

@@ -36,7 +36,7 @@ from aiworker.config import ConfigError, load_config
 from aiworker.infer.manifest import ManifestError
 from aiworker.infer.process import WorkerSettings
 from aiworker.infer.registry import Registry
-from aiworker.infer.run import FINDINGS_FILE, LABELS_FILE, Failure, classify_error
+from aiworker.infer.run import Failure, classify_error
 from aiworker.infer.stage import InferenceWorker, resolve_models
 from aiworker.infer.volume import load_series
 from aiworker.phantom.protocol import Overrides
@@ -44,6 +44,7 @@ from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.select.decide import Pipeline
 from aiworker.select.rules import load_rules
 from aiworker.store.db import JobError, NewJob, StateDB
+from aiworker.store.layout import FINDINGS_FILE, LABELS_FILE
 from aiworker.store.records import InstanceRecord
 
 FEMUR = {"value": 1, "name": "Femur", "color": [230, 216, 170],
@@ -443,15 +444,16 @@ def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registr
     report, ORU^R01, preview and (as the pipeline's options ask) Secondary Capture, timed,
     with the pipeline's HL7 settings; objects the labels cannot make fail the job as
     ``data``."""
-    from aiworker.results.objects import (
+    from aiworker.results.uids import result_uid
+    from aiworker.store.layout import (
         HL7_FILE,
         PREVIEW_FILE,
         REPORT_FILE,
         SC_FILE,
         SEG_FILE,
         SR_FILE,
+        WARNINGS_FILE,
     )
-    from aiworker.results.uids import result_uid
 
     options = {"knee": {"secondary_capture": True, "hl7": {"sending_application": "KNEEAI"}}}
     settings = WorkerSettings(models={"tiny": registry.get("tiny")},
@@ -474,7 +476,8 @@ def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registr
     folder = Path(done["result_dir"])
     assert sorted(os.listdir(folder)) == sorted(
         [FINDINGS_FILE, LABELS_FILE, SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE, PREVIEW_FILE,
-         SC_FILE])
+         SC_FILE, WARNINGS_FILE])
+    assert json.loads((folder / WARNINGS_FILE).read_text()) == []  # the phantom is clean
     assert (folder / HL7_FILE).read_bytes().decode().split("|")[2] == "KNEEAI"
     assert pydicom.dcmread(folder / SC_FILE).SOPInstanceUID == result_uid(
         load_series(paths).series_uid, "tiny@1.0.0", "sc", "sop")

@@ -19,9 +19,10 @@ from results_support import MANIFEST, MODEL_ID, TruthRun, truth_run
 from support import dciodvfy_errors
 
 from aiworker.results.hl7 import build_oru, unescape
-from aiworker.results.objects import WARNINGS_FILE, write_results
+from aiworker.results.objects import write_results
 from aiworker.results.patient import PatientStudy
 from aiworker.results.report import SeriesInfo, report_text
+from aiworker.store.layout import WARNINGS_FILE
 
 STRICT = VALIDATION_LEVEL.STRICT
 

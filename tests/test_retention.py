@@ -174,10 +174,29 @@ def test_emergency_cleaning_removes_the_oldest_delivered_studies_first(tmp_path,
     shutil.rmtree(paths.root)
 
 
+def test_a_done_job_the_outbox_has_not_taken_yet_keeps_its_study(tmp_path):
+    """Between a job's end and the outbox stage queuing its rows, the study has no unsent
+    row, yet is not delivered (a node lost such a study before its results left); once
+    the stage has taken the job (here: its pipeline sends nowhere) it is."""
+    paths = DataPaths(tmp_path / "var")
+    db = StateDB(paths.db)
+    retention.open_tables(db)
+    _delivered_study(db, paths, "2.25.7", time.time() - 300, outbox=False)
+    with db.transaction() as cur:
+        cur.execute("UPDATE jobs SET result_dir = 'r', finished_at = 1 WHERE job_id = 'job2.25.7'")
+    policy = RetentionPolicy(retention_days=1 / 86400, emergency_free_percent=0)
+    assert [j["job_id"] for j in db.jobs_to_dispatch()] == ["job2.25.7"]
+    assert apply_retention(db, paths, policy) == []
+    db.mark_dispatched("job2.25.7")
+    assert db.jobs_to_dispatch() == []
+    assert [p.study_uid for p in apply_retention(db, paths, policy)] == ["2.25.7"]
+    db.close()
+
+
 def _delivered_study(db: StateDB, paths: DataPaths, uid: str, received: float,
-                     job_state: str = "done") -> None:
+                     job_state: str = "done", outbox: bool = True) -> None:
     """Rows of a complete, selected study with one instance file and a job in
-    ``job_state`` whose one outbox row is sent."""
+    ``job_state`` whose one outbox row is sent (no row without ``outbox``)."""
     file = paths.spool / uid / f"{uid}.1" / f"{uid}.1.1.dcm"
     file.parent.mkdir(parents=True)
     file.write_bytes(b"\0" * 128)
@@ -197,6 +216,8 @@ def _delivered_study(db: StateDB, paths: DataPaths, uid: str, received: float,
                     " inputs, state, created_at, updated_at) VALUES (?, ?, 'knee', 'tiny', ?,"
                     " ?, '{}', ?, ?, ?)", (f"job{uid}", f"key{uid}", uid, f"{uid}.1",
                                           job_state, received, received))
+        if not outbox:
+            return
         cur.execute("INSERT INTO outbox (job_id, study_uid, destination, kind, object_kind,"
                     " path, state, next_attempt_at, created_at, queued_at, updated_at, sent_at)"
                     " VALUES (?, ?, 'pacs', 'dicom', 'seg', 'x', 'sent', 0, 0, 0, 0, ?)",

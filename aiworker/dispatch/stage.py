@@ -26,8 +26,8 @@ from pydicom.errors import InvalidDicomError
 
 from aiworker.config import Config, DicomDestination, Pipeline
 from aiworker.dispatch.outbox import Dispatcher, default_senders
-from aiworker.results.objects import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE
 from aiworker.store.db import StateDB
+from aiworker.store.layout import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE
 from aiworker.store.outbox import NewObject, Outbox, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -152,28 +152,23 @@ class OutboxStage:
         """Add the rows of every done job that sends somewhere, has its objects written
         and has no rows yet; returns the jobs queued."""
         queued = []
-        for job in self._unqueued_done_jobs():
+        for job in self.db.jobs_to_dispatch():
             pipeline = self.pipelines.get(job["pipeline"])
-            if pipeline is None or not pipeline.send_to:
+            if pipeline is None:  # no longer configured: kept until it is again
+                continue
+            if not pipeline.send_to:
+                self.db.mark_dispatched(job["job_id"])  # nothing to send: delivered
                 continue
             objects = self._ready_objects(job, pipeline)
             if objects is None:
                 continue
             ids = self.outbox.add(job["job_id"], job["study_uid"], objects)
+            self.db.mark_dispatched(job["job_id"])
             self.db.add_event("outbox_queued", job["study_uid"], job["series_uid"],
                               job_id=job["job_id"], rows=len(ids))
             log.info("job %s: %d outbox rows queued", job["job_id"], len(ids))
             queued.append(job["job_id"])
         return queued
-
-    def _unqueued_done_jobs(self) -> list[dict[str, Any]]:
-        """Done jobs with a result folder and no outbox row, oldest first."""
-        rows = self.db._query(
-            "SELECT job_id, pipeline, study_uid, series_uid, result_dir FROM jobs j"
-            " WHERE state = 'done' AND result_dir IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id)"
-            " ORDER BY finished_at, job_id")
-        return [dict(row) for row in rows]
 
     def _ready_objects(self, job: dict[str, Any], pipeline: Pipeline) -> list[NewObject] | None:
         """The job's objects, or None while one of their files is not written yet."""

@@ -31,12 +31,11 @@ from aiworker.infer.manifest import ModelError
 from aiworker.infer.registry import model_id
 from aiworker.store.disk import free_mb, is_disk_full
 from aiworker.store.files import atomic_write
+from aiworker.store.layout import ResultFolder
 from aiworker.store.spool import fsync_path
 
 log = logging.getLogger("aiworker.infer")
 
-LABELS_FILE = "labels.nii.gz"
-FINDINGS_FILE = "findings.json"
 DISK_FULL = "disk full"  # how the error of a job the full disk stopped begins
 
 # (folder, source paths, loaded series, labels, findings, manifest, model id, options)
@@ -152,12 +151,13 @@ def write_results(folder: Path, label_image: Any, findings: dict[str, Any]) -> N
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
-    labels = folder / f"partial-{LABELS_FILE}"
+    result = ResultFolder(folder)
+    labels = result.labels.with_name(f"partial-{result.labels.name}")
     sitk.WriteImage(label_image, str(labels), True)
     _check_whole(labels)
     fsync_path(labels)
-    os.replace(labels, folder / LABELS_FILE)
-    atomic_write(folder / FINDINGS_FILE, json.dumps(findings, indent=2) + "\n")
+    os.replace(labels, result.labels)
+    atomic_write(result.findings, json.dumps(findings, indent=2) + "\n")
 
 
 def _check_whole(path: Path) -> None:

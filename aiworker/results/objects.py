@@ -43,10 +43,9 @@ from aiworker.results.preview import (
 from aiworker.results.report import SeriesInfo, report_text
 from aiworker.results.seg import SegError, build_seg
 from aiworker.results.sr import SRError, build_sr
+from aiworker.store.layout import ResultFolder
 from aiworker.store.spool import fsync_path
 
-SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE = "seg.dcm", "sr.dcm", "report.txt", "oru.hl7"
-PREVIEW_FILE, SC_FILE, WARNINGS_FILE = "preview.png", "sc.dcm", "warnings.json"
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +53,7 @@ log = logging.getLogger(__name__)
 class ResultFiles:
     """The written objects, seconds spent building each kind, and the header warnings
     (``attribute``, ``problem``, ``action``, ``text``; never a value) also written to
-    ``warnings``' file, :data:`WARNINGS_FILE`."""
+    ``warnings``' file, :data:`~aiworker.store.layout.WARNINGS_FILE`."""
 
     seg: Path
     sr: Path
@@ -94,15 +93,16 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
     started = time.perf_counter()
     k = preview_slice(labels, acl_label(manifest))
     image = render_preview(loaded, labels, manifest, slice_index=k)
-    files = ResultFiles(folder / SEG_FILE, folder / SR_FILE, folder / REPORT_FILE,
-                        folder / HL7_FILE, folder / PREVIEW_FILE, timings=timings,
-                        warnings=patient.warning_dicts(), warnings_file=folder / WARNINGS_FILE)
+    result = ResultFolder(folder)
+    files = ResultFiles(result.seg, result.sr, result.report, result.hl7, result.preview,
+                        timings=timings, warnings=patient.warning_dicts(),
+                        warnings_file=result.warnings)
     _write(files.preview, lambda path: image.save(path, format="PNG"))
     if secondary_capture:
         source, frame = slice_source(datasets, loaded, k)
         sc = build_secondary_capture(source, image, model_id, loaded.series_uid,
                                      source_frame=frame, patient=patient)
-        files.sc = folder / SC_FILE
+        files.sc = result.sc
         _write(files.sc, lambda path: sc.save_as(path, enforce_file_format=True))
     timings["preview"] = round(time.perf_counter() - started, 4)
     _write(files.seg, lambda path: seg.save_as(path, enforce_file_format=True))
@@ -135,7 +135,8 @@ def write_job_objects(folder: Path, source_paths: Sequence[Path | str], loaded: 
                       ) -> dict[str, float]:
     """The inference process's hook (``WorkerSettings.write_objects``): write a done job's
     result objects with :func:`write_results`; seconds per kind (``seg``, ``sr``, ``report``,
-    ``hl7``, ``preview``); the header warnings are in the folder's :data:`WARNINGS_FILE`.
+    ``hl7``, ``preview``); the header warnings are in the folder's
+    :data:`~aiworker.store.layout.WARNINGS_FILE`.
     ``options`` are the job's pipeline's: ``hl7`` (the
     :class:`Hl7Settings` fields) and ``secondary_capture``. Labels or a source that cannot
     make them raise ``ValueError``, which fails the job as ``data``."""

@@ -134,7 +134,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     findings    TEXT,
     error       TEXT,
     error_kind  TEXT,
-    result_dir  TEXT
+    result_dir  TEXT,
+    dispatched_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -148,7 +149,8 @@ PROBLEM_EVENTS = ("store_failed", "association_rejected", "instance_missing", "q
 ADDED_COLUMNS = {
     "jobs": {"started_at": "REAL", "finished_at": "REAL",
              "attempts": "INTEGER NOT NULL DEFAULT 0", "device": "TEXT", "timings": "TEXT",
-             "findings": "TEXT", "error": "TEXT", "error_kind": "TEXT", "result_dir": "TEXT"},
+             "findings": "TEXT", "error": "TEXT", "error_kind": "TEXT", "result_dir": "TEXT",
+             "dispatched_at": "REAL"},
 }
 
 RECEIVING = "receiving"
@@ -418,6 +420,23 @@ class StateDB:
         rows = self._query("SELECT path FROM instances WHERE series_uid = ? AND state = ?"
                            " ORDER BY received_at, sop_uid", (series_uid, STORED))
         return [row["path"] for row in rows]
+
+    def jobs_to_dispatch(self) -> list[dict[str, Any]]:
+        """Done jobs with a result folder that the outbox stage has not handed on yet (no
+        outbox row, not marked by :meth:`mark_dispatched`), oldest first."""
+        rows = self._query(
+            "SELECT * FROM jobs j WHERE state = ? AND result_dir IS NOT NULL"
+            " AND dispatched_at IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id)"
+            " ORDER BY finished_at, job_id", (DONE,))
+        return [_job(r) for r in rows]
+
+    def mark_dispatched(self, job_id: str, now: float | None = None) -> None:
+        """The outbox stage has queued the job's rows, or found it sends nowhere: until
+        then retention must not take the study for delivered."""
+        with self._transaction() as cur:
+            cur.execute("UPDATE jobs SET dispatched_at = ? WHERE job_id = ?",
+                        (time.time() if now is None else now, job_id))
 
     def has_queued_job(self) -> bool:
         """Whether a job waits (a read, cheaper than :meth:`claim_job`'s write lock)."""

@@ -1,7 +1,8 @@
 """Retention: received studies and their results leave the node once they are delivered.
 
 A study is **delivered** when it is complete, a pipeline has decided on its latest
-completion, no job of it is queued or running, and every outbox row of its jobs is
+completion, no job of it is queued or running, every done job has been handed to the
+outbox (its rows queued, or its pipeline sends nowhere) and every outbox row of its jobs is
 ``sent``. Studies with a failed job or a dead row stay until an operator purges them (they
 are on the failures page for a reason).
 
@@ -46,7 +47,9 @@ WHERE s.state = 'complete' AND s.last_received < ?
   AND EXISTS (SELECT 1 FROM selections d WHERE d.study_uid = s.study_uid
               AND d.completed_at = s.completed_at)
   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
-                  AND j.state NOT IN ('done', 'superseded'))
+                  AND (j.state NOT IN ('done', 'superseded')
+                       OR (j.state = 'done' AND j.dispatched_at IS NULL AND NOT EXISTS
+                           (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id))))
   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND o.state != 'sent')
 ORDER BY s.last_received, s.study_uid
 """
@@ -104,7 +107,7 @@ def purge_study(db: StateDB, paths: DataPaths, study_uid: str, reason: str,
     for instance in instances:
         Path(instance["path"]).unlink(missing_ok=True)
     for job in jobs:
-        shutil.rmtree(paths.root / "results" / job["job_id"], ignore_errors=True)
+        shutil.rmtree(paths.result_folder(job["job_id"]).path, ignore_errors=True)
     _remove_empty_folders(paths.spool / study_uid)
     purged = Purged(study_uid, len(instances), sum(row["size"] for row in instances),
                     len(jobs), reason)

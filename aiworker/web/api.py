@@ -14,8 +14,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 
 from aiworker.store.dashboard import STAGES
+from aiworker.store.layout import PREVIEW_FILE, REPORT_FILE
 from aiworker.web.auth import require_token
-from aiworker.web.views import PREVIEW_FILE, REPORT_FILE, Conflict, NotFound, Views
+from aiworker.web.views import Conflict, NotFound, Views
 
 router = APIRouter(prefix="/api", tags=["api"])
 

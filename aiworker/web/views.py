@@ -17,12 +17,10 @@ from urllib.parse import quote
 from aiworker.config import Config
 from aiworker.store import dashboard
 from aiworker.store.db import FAILED, PROBLEM_EVENTS, JobError, StateDB
+from aiworker.store.layout import ResultFolder
 from aiworker.store.outbox import DEAD, Outbox
 from aiworker.store.status import job_json, outbox_json, problem_json, status_report
 from aiworker.store.status import timeline as timeline_of
-
-PREVIEW_FILE = "preview.png"  # written by the results stage next to seg.dcm
-REPORT_FILE = "report.txt"
 
 
 class NotFound(Exception):
@@ -71,9 +69,9 @@ class Views:
         study = self._annotate(found[0])
         for decision in study["selection"].values():
             for job in decision["jobs"]:
-                folder = Path(job["result_dir"]) if job["result_dir"] else None
-                job["preview"] = bool(folder and (folder / PREVIEW_FILE).is_file())
-                job["report"] = _read_text(folder / REPORT_FILE) if folder else None
+                folder = ResultFolder(Path(job["result_dir"])) if job["result_dir"] else None
+                job["preview"] = bool(folder and folder.preview.is_file())
+                job["report"] = _read_text(folder.report) if folder else None
         return study
 
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
