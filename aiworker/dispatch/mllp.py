@@ -20,6 +20,7 @@ and threaded: the stand-in RIS of ``aiworker demo``, the benchmarks and the test
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -135,17 +136,23 @@ class MllpReceiver:
     """A small HL7 receiver over MLLP on a free loopback port (``port``): the stand-in RIS of
     the demo, the benchmarks and the tests. Each connection is read on its own thread; each
     framed message goes to ``answer(message) -> (ACK code, text)`` and is acknowledged with
-    :func:`ack_for`. :meth:`close` stops accepting."""
+    :func:`ack_for`. :meth:`close` stops accepting; a new receiver given the old one's
+    ``port`` takes its place (a RIS restarted)."""
 
     def __init__(self, answer: Callable[[str], tuple[str, str]] = lambda _: ("AA", ""),
-                 host: str = "127.0.0.1", acked_id: Callable[[str], str] | None = None):
+                 host: str = "127.0.0.1", acked_id: Callable[[str], str] | None = None,
+                 port: int = 0):
         self.answer = answer
         self.acked_id = acked_id  # MSA-2 to answer with (tests: a wrong one); None = MSH-10
-        self.sock = socket.create_server((host, 0))
+        self.sock = socket.create_server((host, port))  # port 0: a free one
         self.port: int = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True, name="mllp-receiver").start()
 
     def close(self) -> None:
+        """Stop listening: the port refuses connections and is free again at once (a bare
+        close would leave the socket listening while the accept thread waits in it)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.sock.close()
 
     def _accept(self) -> None:
