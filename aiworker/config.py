@@ -140,7 +140,59 @@ class HL7Destination(_Section):
                                           "message this long (None: dispatch.max_age_h)")
 
 
-Destination = Annotated[DicomDestination | HL7Destination, Field(discriminator="kind")]
+class DicomWebDestination(_Section):
+    """A DICOMweb server (PACS, VNA, cloud DICOM store) that receives result objects by
+    STOW-RS: ``POST {url}/studies``, ``multipart/related; type="application/dicom"``.
+
+    ``auth``: ``none``, ``basic`` (``username`` and a password) or ``bearer`` (a token).
+    Secrets are never written in this file: ``password_env`` / ``token_env`` name an
+    environment variable, ``password_file`` / ``token_file`` a file (read at each send, so
+    a token a sidecar refreshes is picked up). ``accepts`` as for a DICOM destination."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://[^\s/@]+(/[^\s]*)?$",
+                     description="the DICOMweb base URL (no user:password@ in it): objects "
+                                 "are POSTed to {url}/studies")
+    accepts: list[DicomObject] = Field(["seg", "sr", "sc"], min_length=1)
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = Field(None, min_length=1, description="auth: basic")
+    password_env: str | None = Field(None, min_length=1, description="environment variable "
+                                     "holding the password (auth: basic)")
+    password_file: Path | None = Field(None, description="file holding the password")
+    token_env: str | None = Field(None, min_length=1, description="environment variable "
+                                  "holding the bearer token (auth: bearer)")
+    token_file: Path | None = Field(None, description="file holding the bearer token")
+    ca_file: Path | None = Field(None, description="PEM CA bundle the server's certificate "
+                                 "must chain to (else the system's trust store)")
+    verify: bool = Field(True, description="check the server's TLS certificate; false only "
+                         "for a test server")
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP (and TLS) connect")
+    read_timeout_s: float = Field(60.0, gt=0, description="wait for the STOW-RS response "
+                                  "(and the longest silence)")
+    retry_horizon_h: float | None = Field(None, gt=0, description="keep retrying a failing "
+                                          "object this long (None: dispatch.max_age_h)")
+
+    @model_validator(mode="after")
+    def _credentials_match_auth(self) -> DicomWebDestination:
+        """Exactly the secret that ``auth`` needs, from one place."""
+        password = [s for s in (self.password_env, self.password_file) if s is not None]
+        token = [s for s in (self.token_env, self.token_file) if s is not None]
+        if self.auth == "basic" and (self.username is None or len(password) != 1):
+            raise ValueError("auth: basic needs username and one of password_env, "
+                             "password_file")
+        if self.auth == "bearer" and len(token) != 1:
+            raise ValueError("auth: bearer needs one of token_env, token_file")
+        unused = (self.auth != "basic" and (password or self.username)) or (
+            self.auth != "bearer" and token)
+        if unused:
+            raise ValueError(f"credentials given that auth: {self.auth} does not use")
+        if self.ca_file is not None and not self.verify:
+            raise ValueError("ca_file is given but verify is false")
+        return self
+
+
+Destination = Annotated[DicomDestination | HL7Destination | DicomWebDestination,
+                        Field(discriminator="kind")]
 
 
 class Pipeline(_Section):
@@ -207,12 +259,17 @@ class Web(_Section):
     metrics_public: bool = True
     viewer_url: str | None = Field(None, pattern=r"\{study_uid\}")
     refresh_s: int = Field(5, ge=0, le=3600)
+    stow_enabled: bool = Field(False, description="receive instances over DICOMweb STOW-RS "
+                               "(POST /dicomweb/studies, bearer web.token) beside C-STORE")
 
     @model_validator(mode="after")
     def _token_for_token_auth(self) -> Web:
-        """``auth: token`` needs the token it checks."""
+        """``auth: token`` and ``stow_enabled`` need the token they check."""
         if self.auth == "token" and self.token is None:
             raise ValueError("web.auth: token needs web.token (or AIWORKER_WEB__TOKEN)")
+        if self.stow_enabled and self.token is None:
+            raise ValueError("web.stow_enabled needs web.token (or AIWORKER_WEB__TOKEN): "
+                             "STOW-RS senders sign in with it")
         return self
 
     @field_validator("trusted_proxies")
@@ -347,18 +404,23 @@ def _describe(exc: ValidationError, path: Path, sources: dict[tuple, str]) -> li
     lines = []
     for error in exc.errors():
         loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-"))
-        loc = tuple(part for part in loc if part not in ("dicom", "hl7"))
+        loc = tuple(part for part in loc if part not in ("dicom", "hl7", "dicomweb"))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         value = error.get("input")
-        if isinstance(value, dict) or error["type"] == "missing":
+        if isinstance(value, dict) or error["type"] == "missing" or _secret(loc):
             value = _NOT_SHOWN
         lines.append(_line(path, sources, loc, message, value))
     return lines
 
 
 _NOT_SHOWN = object()
+
+
+def _secret(loc: tuple) -> bool:
+    """A key that may hold a secret (a token, a password): its value is never shown."""
+    return bool(loc) and any(word in loc[-1] for word in ("token", "password", "secret"))
 
 
 def _line(path: Path, sources: dict[tuple, str], loc: tuple, message: str, value: Any) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from aiworker.config import Config, DicomDestination, HL7Destination
+from aiworker.config import Config, DicomDestination, DicomWebDestination, HL7Destination
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "aiworker.yaml"
 
@@ -35,7 +35,9 @@ def config_reference() -> str:
 
 def _rows(section: str, field: FieldInfo, comments: dict[str, str]) -> list[str]:
     if section == "destinations":
-        return [row for kind, model in (("dicom", DicomDestination), ("hl7", HL7Destination))
+        kinds = (("dicom", DicomDestination), ("hl7", HL7Destination),
+                 ("dicomweb", DicomWebDestination))
+        return [row for kind, model in kinds
                 for row in _model_rows(f"destinations.NAME ({kind})", model, comments, "")]
     model = _model_of(field.annotation)
     if model is None:

@@ -1,10 +1,11 @@
 #!/bin/sh
-# Installs the Debian packages the integration tests and benchmarks talk to (dcmtk, Orthanc,
-# dicom3tools; chromium for the dashboard's browser test) when they are missing and we run
-# as root; otherwise says what will be skipped.
+# Installs the Debian packages the integration tests and benchmarks talk to (dcmtk, Orthanc and
+# its DICOMweb plugin, dicom3tools; chromium for the dashboard's browser test) when they are
+# missing and we run as root; otherwise says what will be skipped.
 missing=""
 command -v storescu >/dev/null 2>&1 || missing="$missing dcmtk"
 command -v Orthanc >/dev/null 2>&1 || missing="$missing orthanc"
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$missing orthanc-dicomweb"
 command -v dciodvfy >/dev/null 2>&1 || missing="$missing dicom3tools"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 [ -z "$missing" ] && exit 0

@@ -457,10 +457,13 @@ def dciodvfy_errors(path: Path) -> list[str]:
 class OrthancProcess:
     """Debian's Orthanc on free loopback ports, storing under ``workdir``, knowing the DICOM
     ``modalities`` given; ``config`` is merged over its JSON configuration (e.g. Lua
-    scripts)."""
+    scripts, or ``RegisteredUsers`` with ``AuthenticationEnabled``: the first user is the
+    one this class's own requests sign in as)."""
 
     def __init__(self, workdir: Path, modalities: dict[str, Any],
                  config: dict[str, Any] | None = None):
+        users = (config or {}).get("RegisteredUsers") or {}
+        self.auth = next(iter(users.items()), None)  # (user, password) for our requests
         self.dicom_port = free_port()
         self.http_port = free_port()
         storage = workdir / "orthanc-db"
@@ -502,15 +505,25 @@ class OrthancProcess:
 
     def file(self, instance_id: str) -> bytes:
         """The DICOM file of one of Orthanc's instances."""
-        url = f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file"
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        req = self._signed(urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file"))
+        with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
+
+    def _signed(self, req: urllib.request.Request) -> urllib.request.Request:
+        """``req`` with basic auth as the first registered user, when there is one."""
+        if self.auth is not None:
+            import base64
+
+            pair = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {pair}")
+        return req
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
         data = None if body is None else (body if isinstance(body, bytes)
                                           else json.dumps(body).encode())
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
-                                     method=method)
+        req = self._signed(urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+                                                  data=data, method=method))
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             payload = resp.read()
         return json.loads(payload) if payload else None

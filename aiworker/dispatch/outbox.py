@@ -4,7 +4,8 @@ Each :meth:`Dispatcher.tick` claims one batch of due rows per destination and se
 batches at the same time, one thread per destination, so a destination that is down or
 slow never holds up another; an exception in one destination's send is caught and
 recorded on that destination's rows only. Senders are looked up by the destination's
-kind (``dicom``, ``hl7``): a sender is ``sender(destination, paths) -> [Outcome per
+kind (``dicom``, ``hl7``, ``dicomweb``: :mod:`aiworker.dispatch.dicomweb`, STOW-RS with
+the same retry rules): a sender is ``sender(destination, paths) -> [Outcome per
 path]``.
 
 DICOM (:func:`send_dicom`): one association per batch, proposing one presentation context
@@ -208,8 +209,11 @@ def send_hl7(destination: Any, paths: Sequence[str],
 def default_senders(calling_ae: str, timeout_s: float | None = None) -> dict[str, Sender]:
     """The senders for each destination kind; DICOM calls as the node's AE title. Without
     ``timeout_s`` each destination's own timeouts apply."""
+    from aiworker.dispatch.dicomweb import send_dicomweb  # it builds on this module
+
     return {"dicom": partial(send_dicom, calling_ae=calling_ae, timeout_s=timeout_s),
-            "hl7": partial(send_hl7, timeout_s=timeout_s)}
+            "hl7": partial(send_hl7, timeout_s=timeout_s),
+            "dicomweb": partial(send_dicomweb, timeout_s=timeout_s)}
 
 
 class Dispatcher:

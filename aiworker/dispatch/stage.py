@@ -10,7 +10,7 @@ segmentation); an HL7 destination gets the ORU^R01 (output ``hl7``). A job that 
 rows is never queued again; sending it again is ``aiworker resend``. The stage's thread
 recovers rows cut off by a crash once at start, then queues and sends (the
 :class:`~aiworker.dispatch.outbox.Dispatcher`'s ``tick``) every ``dispatch.interval_s``. Log
-lines and events carry ids only.
+lines and events carry ids only. A DICOMweb destination gets what a DICOM one would.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from aiworker.config import Config, DicomDestination, Pipeline
+from aiworker.config import Config, DicomDestination, DicomWebDestination, Pipeline
 from aiworker.dispatch.outbox import Dispatcher, default_senders
 from aiworker.store.db import StateDB
 from aiworker.store.layout import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 FILES = {"seg": SEG_FILE, "sr": SR_FILE, "sc": SC_FILE, "hl7": HL7_FILE}
 
 
-def dicom_objects(pipeline: Pipeline, destination: DicomDestination) -> list[str]:
+def dicom_objects(pipeline: Pipeline,
+                  destination: DicomDestination | DicomWebDestination) -> list[str]:
     """The DICOM objects (``seg``, ``sr``, ``sc``) a job of ``pipeline`` sends to
     ``destination`` (see the module's rules)."""
     wanted = [kind for kind in ("seg", "sr") if kind in pipeline.outputs
@@ -55,7 +56,7 @@ def object_options(config: Config) -> dict[str, dict[str, Any]]:
         destinations = [config.destinations.get(name) for name in pipeline.send_to]
         secondary_capture = "preview" in pipeline.outputs or any(
             "sc" in dicom_objects(pipeline, d) for d in destinations
-            if isinstance(d, DicomDestination))
+            if isinstance(d, DicomDestination | DicomWebDestination))
         options[pipeline.name] = {"hl7": config.hl7.model_dump(),
                                   "secondary_capture": secondary_capture}
     return options
@@ -83,7 +84,7 @@ def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[Ne
         destination = config.destinations.get(name)
         if destination is None:
             continue
-        if isinstance(destination, DicomDestination):
+        if isinstance(destination, DicomDestination | DicomWebDestination):
             kinds = dicom_objects(pipeline, destination)
         else:
             kinds = ["hl7"] if "hl7" in pipeline.outputs else []
@@ -98,7 +99,7 @@ def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[Ne
 
 def _sop_instance_uid(path: Path, kind: str) -> str | None:
     """A DICOM object's SOP Instance UID (what the PACS will hold); None for HL7."""
-    if kind != "dicom":
+    if kind not in ("dicom", "dicomweb"):
         return None
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
@@ -138,6 +139,7 @@ class OutboxStage:
         """About how long one send may take at most, from the destinations' timeouts."""
         waits = [getattr(d, "connect_timeout_s", 0) + getattr(d, "acse_timeout_s", 0)
                  + getattr(d, "dimse_timeout_s", 0) + getattr(d, "ack_timeout_s", 0)
+                 + getattr(d, "read_timeout_s", 0)
                  for d in self.config.destinations.values()]
         return max([self.config.dispatch.timeout_s, *waits])
 

@@ -35,15 +35,11 @@ pydicom does not know cannot be checked and is refused (0xC210).
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import ssl
 import threading
-import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -62,62 +58,27 @@ from pynetdicom.transport import ThreadedAssociationServer
 from aiworker.config import Config
 from aiworker.receive import fastpath
 from aiworker.receive.access import AllowList
-from aiworker.receive.dataset import IncompleteDataSet, part10_header, read_header
-from aiworker.receive.pixels import DamagedPixelData, has_pixel_data, is_image_storage
+from aiworker.receive.instances import (
+    BAD_UIDS,
+    CANNOT_DECODE,
+    DB_FAILED,
+    INTERNAL_ERROR,
+    NOT_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    UID_MISMATCH,
+    WRITE_FAILED,
+    InstanceStore,
+    StoreRefused,
+)
 from aiworker.receive.tls import server_context
 from aiworker.store.db import StateDB
-from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
-from aiworker.store.spool import InvalidUID, Spool, printable
+from aiworker.store.records import InstanceRecord
+from aiworker.store.spool import Spool, printable
+
+__all__ = ["BAD_UIDS", "CANNOT_DECODE", "DB_FAILED", "INTERNAL_ERROR", "NOT_SOP_CLASS",
+           "OUT_OF_RESOURCES", "UID_MISMATCH", "WRITE_FAILED", "Receiver", "StoreRefused"]
 
 log = logging.getLogger("aiworker.receive")
-
-OUT_OF_RESOURCES = 0xA700
-NOT_SOP_CLASS = 0xA900
-CANNOT_DECODE = 0xC210
-BAD_UIDS = 0xC211
-UID_MISMATCH = 0xC212
-WRITE_FAILED = 0xC213
-DB_FAILED = 0xC214
-INTERNAL_ERROR = 0xC215
-
-
-class StoreRefused(Exception):
-    """An instance that will not be stored: carries the DIMSE status and the reason."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _why_undecodable(exc: Exception) -> str:
-    if isinstance(exc, IncompleteDataSet | DamagedPixelData):
-        return str(exc)
-    return f"cannot decode data set: {type(exc).__name__}"
-
-
-def _check_sop_class(ds: Dataset, command_class: str) -> None:
-    """The data set is of the SOP class the command names, and an image has Pixel Data;
-    else :class:`StoreRefused` with 0xA900."""
-    element = ds.get_item(0x0008_0016)
-    value = element.value if element is not None else None
-    ds_class = (value.decode("ascii", "replace") if isinstance(value, bytes)
-                else str(value or "")).strip("\x00 ")
-    if not ds_class:
-        raise StoreRefused(NOT_SOP_CLASS, "missing SOPClassUID")
-    if ds_class != command_class:
-        raise StoreRefused(NOT_SOP_CLASS, "SOPClassUID differs from the command's")
-    if is_image_storage(ds_class) and not has_pixel_data(ds):
-        raise StoreRefused(NOT_SOP_CLASS, "image storage instance without Pixel Data")
-
-
-def _discard(writing: Future) -> None:
-    """Wait for a temporary file that will not be used, and remove it."""
-    try:
-        temp, _size = writing.result()
-    except OSError:
-        return
-    temp.unlink(missing_ok=True)
 
 
 def _accept_uid(_uid: object) -> tuple[bool, str]:
@@ -179,10 +140,9 @@ class Receiver:
         self.spool = spool
         self.db = db
         self.allow = AllowList.from_config(config.node.allowed_callers)
-        self.min_free_bytes = config.storage.min_free_mb * 1024 * 1024
+        self.instances = InstanceStore(spool, db, config.storage.min_free_mb,
+                                       writers=config.node.max_associations)
         self.server: ThreadedAssociationServer | None = None
-        self._writer = ThreadPoolExecutor(max_workers=config.node.max_associations,
-                                          thread_name_prefix="spool-writer")
         self._stats: WeakKeyDictionary[Any, Counter] = WeakKeyDictionary()
         self._accepting: threading.Thread | None = None
         self._stats_lock = threading.Lock()
@@ -243,7 +203,7 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
-        self._writer.shutdown(wait=True)
+        self.instances.close()
 
     # --- event handlers ----------------------------------------------------------------
 
@@ -279,7 +239,8 @@ class Receiver:
             if refused is not exc:  # a bug, not the data: keep its traceback for us
                 log.exception("C-STORE failed unexpectedly")
             self._count(event.assoc, f"0x{refused.status:04X}")
-            self._record_refusal(refused, str(event.request.AffectedSOPInstanceUID), calling)
+            self.instances.record_refusal(refused, str(event.request.AffectedSOPInstanceUID),
+                                          calling)
             response = Dataset()
             response.Status = refused.status
             response.ErrorComment = printable(refused.reason)[:64]  # LO: 64 characters
@@ -287,99 +248,13 @@ class Receiver:
         self._count(event.assoc, "0x0000", record.size)
         return 0x0000
 
-    def _record_refusal(self, refused: StoreRefused, sop_uid: str, calling: str) -> None:
-        """Log and record a refused C-STORE; say so when a good copy of the instance was
-        stored before (a damaged resend never replaces it)."""
-        try:
-            kept = self.db.stored_instance(sop_uid)
-        except Exception:  # the DB itself may be what failed
-            kept = None
-        log.error("C-STORE refused from %s: 0x%04X %s (SOP instance %s)%s", calling,
-                  refused.status, refused.reason, sop_uid,
-                  "; the copy stored before is kept" if kept else "")
-        try:
-            self.db.add_event("store_failed", study_uid=kept and kept["study_uid"],
-                              series_uid=kept and kept["series_uid"], sop_uid=sop_uid,
-                              status=f"0x{refused.status:04X}", reason=refused.reason,
-                              calling_ae=calling, kept_stored_copy=kept is not None)
-        except Exception as exc:  # the answer must still go out, with its own status
-            log.error("cannot record the refusal in the state DB: %s", type(exc).__name__)
-
     def _store(self, event: evt.Event, calling: str) -> InstanceRecord:
-        """Write the instance to the spool and the DB, or raise :class:`StoreRefused`.
-
-        The file is written (and fsynced) by a helper thread while this one walks the
-        header: the write waits on the kernel and the disk, the walk on the interpreter.
-        """
+        """Store the C-STORE's data set (:meth:`InstanceStore.store`), as the command names
+        it, in the negotiated transfer syntax."""
         request = event.request
-        data = request.DataSet.getbuffer()
-        if self.spool.free_bytes() - len(data) < self.min_free_bytes:
-            raise StoreRefused(OUT_OF_RESOURCES, "free disk below storage.min_free_mb")
-        transfer_syntax = UID(event.context.transfer_syntax)
-        header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
-                               transfer_syntax)
-        writing = self._write_temporary([header, data])
-        try:
-            path, ds = self._check(request, transfer_syntax)
-        except StoreRefused:
-            _discard(writing)
-            raise
-        try:
-            temp, size = writing.result()
-            self.spool.commit(temp, path)
-        except OSError as exc:
-            _discard(writing)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreRefused(OUT_OF_RESOURCES, "disk full") from exc
-            raise StoreRefused(WRITE_FAILED, f"spool write failed: {exc.strerror}") from exc
-        try:
-            record = InstanceRecord.from_dataset(
-                ds, path=path, size=size, transfer_syntax=transfer_syntax,
-                calling_ae=calling, received_at=time.time())
-            recorded = self.db.record_instance(record)
-        except Exception as exc:
-            raise StoreRefused(DB_FAILED, f"state DB error: {type(exc).__name__}") from exc
-        if recorded.superseded:  # the same SOP Instance UID was sent in another series before
-            Path(recorded.superseded).unlink(missing_ok=True)
-        if recorded.reopened:
-            log.info("late arrival re-opens series %s", record.series_uid)
-        if recorded.completed:
-            log.info("series complete (expected count reached): %s", record.series_uid)
-        return record
-
-    def _write_temporary(self, chunks: list) -> Future:
-        """Start writing the instance to a temporary file. With fsync on, a helper thread
-        writes and fsyncs while this one walks the header; with it off the write is a
-        memory copy, cheaper done here than handed to another thread (~0.1 ms)."""
-        if self.spool.fsync:
-            return self._writer.submit(self.spool.write_temporary, chunks)
-        done: Future = Future()
-        try:
-            done.set_result(self.spool.write_temporary(chunks))
-        except OSError as exc:
-            done.set_exception(exc)
-        return done
-
-    def _check(self, request: Any, transfer_syntax: UID) -> tuple[Path, Dataset]:
-        """Walk the data set's header: the instance's spool path, and the header itself."""
-        if not transfer_syntax.is_transfer_syntax:
-            raise StoreRefused(CANNOT_DECODE, f"unsupported transfer syntax {transfer_syntax}")
-        try:
-            ds = read_header(request.DataSet, transfer_syntax)
-        except Exception as exc:
-            raise StoreRefused(CANNOT_DECODE, _why_undecodable(exc)) from exc
-        try:
-            study_uid, series_uid, sop_uid = instance_uids(ds)
-        except MissingUID as exc:
-            raise StoreRefused(BAD_UIDS, str(exc)) from exc
-        if sop_uid != request.AffectedSOPInstanceUID:
-            raise StoreRefused(UID_MISMATCH, "SOPInstanceUID differs from the command's")
-        try:
-            path = self.spool.path_for(study_uid, series_uid, sop_uid)
-        except InvalidUID as exc:
-            raise StoreRefused(BAD_UIDS, str(exc)) from exc
-        _check_sop_class(ds, str(request.AffectedSOPClassUID))
-        return path, ds
+        return self.instances.store(str(request.AffectedSOPClassUID),
+                                    str(request.AffectedSOPInstanceUID),
+                                    UID(event.context.transfer_syntax), request.DataSet, calling)
 
     def _count(self, assoc: Any, status: str, size: int = 0) -> None:
         with self._stats_lock:

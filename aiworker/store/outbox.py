@@ -61,7 +61,7 @@ PENDING = "pending"
 SENDING = "sending"
 SENT = "sent"
 DEAD = "dead"
-KINDS = ("dicom", "hl7")
+KINDS = ("dicom", "hl7", "dicomweb")
 OBJECT_KINDS = ("seg", "sr", "sc", "hl7")
 
 
@@ -85,7 +85,7 @@ class NewObject:
     """One object for one destination, as a job's results stage hands it over."""
 
     destination: str
-    kind: str  # dicom | hl7: how the destination is spoken to
+    kind: str  # dicom | hl7 | dicomweb: how the destination is spoken to
     object_kind: str  # seg | sr | sc | hl7
     path: str
     sop_instance_uid: str | None = None

@@ -23,8 +23,11 @@ from starlette.responses import Response
 
 import aiworker
 from aiworker.config import Config
+from aiworker.receive.instances import InstanceStore
 from aiworker.store.db import StateDB
-from aiworker.web import api, health, pages
+from aiworker.store.layout import DataPaths
+from aiworker.store.spool import Spool
+from aiworker.web import api, health, pages, stow
 from aiworker.web.auth import access_middleware
 from aiworker.web.health import Probe, database_probe, disk_probe
 from aiworker.web.metrics import node_registry
@@ -50,10 +53,13 @@ def create_app(db: StateDB | Path | str, config: Config,
     ``disk`` ones (the node adds ``models`` and ``scp``)."""
     owned = not isinstance(db, StateDB)
     state_db = StateDB(Path(db)) if owned else db
+    stow_store = stow_instances(config, state_db) if config.web.stow_enabled else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        if stow_store is not None:
+            stow_store.close()
         if owned:
             state_db.close()
 
@@ -69,6 +75,9 @@ def create_app(db: StateDB | Path | str, config: Config,
     app.include_router(pages.router)
     app.include_router(api.router)
     app.include_router(health.router)
+    if stow_store is not None:
+        app.state.stow = stow_store
+        app.include_router(stow.router)
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"],
                       summary="Prometheus metrics", response_class=Response)
     app.mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
@@ -79,6 +88,13 @@ def create_app(db: StateDB | Path | str, config: Config,
 
 
 SWAGGER_ASSETS = "/static/swagger-ui"
+STOW_WRITERS = 4  # threads writing and fsyncing STOW-RS parts
+
+
+def stow_instances(config: Config, db: StateDB) -> InstanceStore:
+    """The store STOW-RS parts go through: the C-STORE path, on the node's spool."""
+    spool = Spool(DataPaths(config.storage.data_dir).spool, fsync=config.storage.fsync)
+    return InstanceStore(spool, db, config.storage.min_free_mb, writers=STOW_WRITERS)
 
 
 def docs(request: Request) -> HTMLResponse:

@@ -62,7 +62,8 @@ def require_token(request: Request, credentials: Annotated[
 
 COOKIE = "aiworker_session"
 OPEN_PATHS = ("/healthz", "/readyz", "/login", "/logout")
-OPEN_PREFIXES = ("/static/",)  # the swagger-ui assets: public code, no data
+OPEN_PREFIXES = ("/static/",  # the swagger-ui assets: public code, no data
+                 "/dicomweb/")  # STOW-RS: every route checks web.token itself (require_token)
 LOGIN_NEEDED = "this node's dashboard and API need web.token: send 'Authorization: Bearer " \
                "<web.token>' or sign in at /login"
 PROXY_NEEDED = "this node trusts its reverse proxy for sign-in (web.auth: header): go " \
