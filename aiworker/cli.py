@@ -419,7 +419,7 @@ def purge(studies: Annotated[list[str] | None, typer.Argument(
 def _requeue_failed(ref: str, config: Path, command: str) -> None:
     """Re-queue the failed job ``ref`` names in the node's state DB; exit 1 when it names
     no job, several, or one that is not failed."""
-    from aiworker.store.db import JobError
+    from aiworker.store.jobs import JobError
 
     db = _node_db(config, command, "no jobs yet")
     try:
@@ -569,8 +569,9 @@ def _replay(cfg: Config, pipelines: list[Pipeline], since_s: float | None, as_js
         feature_settings,
         study_headers_from_paths,
     )
-    from aiworker.store.db import COMPLETE, StateDB
+    from aiworker.store.db import StateDB
     from aiworker.store.layout import DataPaths
+    from aiworker.store.states import COMPLETE
 
     db_path = DataPaths(cfg.storage.data_dir).db
     if not db_path.exists():

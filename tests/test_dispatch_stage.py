@@ -32,7 +32,8 @@ from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series
 from aiworker.results.objects import write_results
-from aiworker.store.db import NewJob, StateDB
+from aiworker.store.db import StateDB
+from aiworker.store.jobs import NewJob
 from aiworker.store.layout import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE, DataPaths
 from aiworker.store.outbox import DEAD, PENDING, SENT, Outbox
 

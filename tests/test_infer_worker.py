@@ -43,7 +43,8 @@ from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.select.decide import Pipeline
 from aiworker.select.rules import load_rules
-from aiworker.store.db import JobError, NewJob, StateDB
+from aiworker.store.db import StateDB
+from aiworker.store.jobs import JobError, NewJob
 from aiworker.store.layout import FINDINGS_FILE, LABELS_FILE
 from aiworker.store.records import InstanceRecord
 

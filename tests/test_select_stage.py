@@ -13,7 +13,8 @@ from select_support import datasets_of, sag_pd_fs, write
 from aiworker.select.decide import Pipeline
 from aiworker.select.rules import load_rules
 from aiworker.select.worker import SelectionWorker
-from aiworker.store.db import StateDB, job_key
+from aiworker.store.db import StateDB
+from aiworker.store.jobs import job_key
 from aiworker.store.records import InstanceRecord
 
 REPO = Path(__file__).resolve().parents[1]

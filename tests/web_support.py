@@ -21,7 +21,8 @@ from aiworker.config import Config
 from aiworker.demo import Arrivals, start_pacs, start_ris
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
-from aiworker.store.db import NewJob, StateDB
+from aiworker.store.db import StateDB
+from aiworker.store.jobs import NewJob
 from aiworker.store.outbox import NewObject, Outbox
 from aiworker.store.records import InstanceRecord
 from aiworker.web.app import create_app

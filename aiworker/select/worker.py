@@ -17,7 +17,9 @@ from typing import Any
 
 from aiworker.select.decide import Pipeline, StudyDecision, decide, study_headers_from_paths
 from aiworker.select.features import DEFAULT_SETTINGS, FeatureSettings
-from aiworker.store.db import NewJob, SelectionRecord, StateDB
+from aiworker.store.db import StateDB
+from aiworker.store.jobs import NewJob
+from aiworker.store.selections import SelectionRecord
 
 log = logging.getLogger("aiworker.select")
 

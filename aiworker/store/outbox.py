@@ -123,7 +123,7 @@ class Outbox:
         self.policy = policy or RetryPolicy()
         self.policies = dict(policies or {})  # destination -> its own policy
         self._rng = rng or random.Random()
-        with db._transaction() as cur:
+        with db.transaction() as cur:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     cur.execute(statement)
@@ -137,7 +137,7 @@ class Outbox:
         for obj in objects:
             _check(obj)
         added = []
-        with self.db._transaction() as cur:
+        with self.db.transaction() as cur:
             for obj in objects:
                 row = cur.execute(
                     "INSERT INTO outbox (job_id, study_uid, destination, kind, object_kind, path,"
@@ -155,21 +155,21 @@ class Outbox:
         """Make every ``sending`` row ``pending`` and due (its send was cut off by a crash
         or a stop); returns how many."""
         now = time.time() if now is None else now
-        with self.db._transaction() as cur:
+        with self.db.transaction() as cur:
             cur.execute("UPDATE outbox SET state = ?, next_attempt_at = ?, updated_at = ?"
                         " WHERE state = ?", (PENDING, now, now, SENDING))
             return cur.rowcount
 
     def due_destinations(self, now: float) -> list[str]:
         """Destinations with at least one pending row due at ``now``."""
-        rows = self.db._query("SELECT DISTINCT destination FROM outbox WHERE state = ?"
+        rows = self.db.query("SELECT DISTINCT destination FROM outbox WHERE state = ?"
                               " AND next_attempt_at <= ? ORDER BY destination", (PENDING, now))
         return [row["destination"] for row in rows]
 
     def claim(self, destination: str, now: float, limit: int) -> list[OutboxRow]:
         """Mark up to ``limit`` due pending rows of ``destination`` as ``sending`` and
         return them, the longest waiting first."""
-        with self.db._transaction() as cur:
+        with self.db.transaction() as cur:
             rows = cur.execute(
                 "UPDATE outbox SET state = ?, updated_at = ? WHERE id IN (SELECT id FROM outbox"
                 " WHERE state = ? AND destination = ? AND next_attempt_at <= ?"
@@ -180,7 +180,7 @@ class Outbox:
 
     def mark_sent(self, ids: Iterable[int], now: float) -> None:
         """Claimed rows the receiver accepted become ``sent``."""
-        with self.db._transaction() as cur:
+        with self.db.transaction() as cur:
             for row_id in ids:
                 cur.execute("UPDATE outbox SET state = ?, sent_at = ?, updated_at = ?,"
                             " attempts = attempts + 1 WHERE id = ? AND state = ?",
@@ -192,7 +192,7 @@ class Outbox:
         ``max_age_s``, else ``pending`` again after the backoff. Returns the rows that
         died."""
         dead = []
-        with self.db._transaction() as cur:
+        with self.db.transaction() as cur:
             for row_id in ids:
                 row = cur.execute("SELECT attempts, queued_at, destination FROM outbox"
                                   " WHERE id = ? AND state = ?", (row_id, SENDING)).fetchone()
@@ -260,19 +260,19 @@ class Outbox:
             where.append("destination = ?")
             params.append(destination)
         sql = "SELECT * FROM outbox" + (" WHERE " + " AND ".join(where) if where else "")
-        return [_row(row) for row in self.db._query(sql + " ORDER BY id", tuple(params))]
+        return [_row(row) for row in self.db.query(sql + " ORDER BY id", tuple(params))]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Destination -> state -> number of rows."""
         counts: dict[str, dict[str, int]] = {}
-        for row in self.db._query("SELECT destination, state, COUNT(*) AS n FROM outbox"
+        for row in self.db.query("SELECT destination, state, COUNT(*) AS n FROM outbox"
                                   " GROUP BY destination, state"):
             counts.setdefault(row["destination"], {})[row["state"]] = row["n"]
         return counts
 
     def _requeue(self, where: str, params: list, now: float) -> int:
         """Rows matching ``where`` become pending and due, with a fresh retry window."""
-        with self.db._transaction() as cur:
+        with self.db.transaction() as cur:
             cur.execute("UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ?,"
                         " queued_at = ?, updated_at = ?, sent_at = NULL WHERE " + where,
                         (PENDING, now, now, now, *params))

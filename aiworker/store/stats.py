@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from aiworker.store.db import DONE, StateDB
+from aiworker.store.db import StateDB
 from aiworker.store.outbox import PENDING, SENDING, SENT, Outbox
+from aiworker.store.states import DONE
 
 
 @dataclass
@@ -64,10 +65,10 @@ def read_stats(db: StateDB) -> NodeStats:
       (``study_purged`` events), by reason (age, disk, operator), and their bytes.
     """
     stats = NodeStats()
-    (stats.instances, stats.bytes), = [tuple(r) for r in db._query(
+    (stats.instances, stats.bytes), = [tuple(r) for r in db.query(
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances")]
     stats.associations_rejected = _count_events(db, "association_rejected")
-    for row in db._query("SELECT detail FROM events WHERE kind = ?", ("store_failed",)):
+    for row in db.query("SELECT detail FROM events WHERE kind = ?", ("store_failed",)):
         status = json.loads(row["detail"] or "{}").get("status") or "unknown"
         stats.store_failures[status] = stats.store_failures.get(status, 0) + 1
     stats.series_completed = _count_events(db, "series_completed")
@@ -75,19 +76,19 @@ def read_stats(db: StateDB) -> NodeStats:
     stats.series = _by_state(db, "series")
     stats.studies = _by_state(db, "studies")
     stats.jobs = _by_state(db, "jobs")
-    for row in db._query("SELECT timings FROM jobs WHERE state = ?", (DONE,)):
+    for row in db.query("SELECT timings FROM jobs WHERE state = ?", (DONE,)):
         total = json.loads(row["timings"] or "{}").get("total")
         if total is not None:
             stats.inference_seconds.append(float(total))
     outbox = Outbox(db)  # makes sure the table is there
     stats.end_to_end_seconds = _end_to_end(db)
     stats.outbox = outbox.counts()
-    for row in db._query(
+    for row in db.query(
             "SELECT destination, SUM(attempts - CASE WHEN state = ? THEN 1 ELSE 0 END) AS n"
             " FROM outbox GROUP BY destination", (SENT,)):
         stats.outbox_failed_attempts[row["destination"]] = int(row["n"] or 0)
     stats.stage_seconds = _stage_seconds(db)
-    for row in db._query("SELECT detail FROM events WHERE kind = ?", ("study_purged",)):
+    for row in db.query("SELECT detail FROM events WHERE kind = ?", ("study_purged",)):
         detail = json.loads(row["detail"] or "{}")
         reason = detail.get("reason", "unknown")
         stats.purged_studies[reason] = stats.purged_studies.get(reason, 0) + 1
@@ -106,17 +107,17 @@ def _stage_seconds(db: StateDB) -> dict[str, list[float]]:
     load, model and label steps), ``result_objects`` (SEG, SR, report, HL7, preview) and
     ``send`` (a done job to its last result accepted, when all are)."""
     seconds: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    for row in db._query("SELECT first_received, last_received FROM studies"
+    for row in db.query("SELECT first_received, last_received FROM studies"
                          " WHERE completed_at IS NOT NULL"):
         seconds["receive"].append(row["last_received"] - row["first_received"])
-    for row in db._query("SELECT state, created_at, started_at, timings FROM jobs"
+    for row in db.query("SELECT state, created_at, started_at, timings FROM jobs"
                          " WHERE started_at IS NOT NULL"):
         seconds["queue_wait"].append(max(0.0, row["started_at"] - row["created_at"]))
         timings = json.loads(row["timings"] or "{}") if row["state"] == DONE else {}
         for stage, steps in (("inference", INFERENCE_STEPS), ("result_objects", OBJECT_STEPS)):
             if any(step in timings for step in steps):
                 seconds[stage].append(sum(timings.get(step, 0.0) for step in steps))
-    for row in db._query(
+    for row in db.query(
             "SELECT j.finished_at AS done, MAX(o.sent_at) AS sent,"
             " SUM(CASE WHEN o.state = ? THEN 0 ELSE 1 END) AS unsent"
             " FROM jobs j JOIN outbox o ON o.job_id = j.job_id WHERE j.state = ?"
@@ -127,19 +128,19 @@ def _stage_seconds(db: StateDB) -> dict[str, list[float]]:
 
 
 def _count_events(db: StateDB, kind: str) -> int:
-    return db._query("SELECT COUNT(*) AS n FROM events WHERE kind = ?", (kind,))[0]["n"]
+    return db.query("SELECT COUNT(*) AS n FROM events WHERE kind = ?", (kind,))[0]["n"]
 
 
 def _by_state(db: StateDB, table: str) -> dict[str, int]:
     """Rows of ``table`` (a constant) by state."""
-    rows = db._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+    rows = db.query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
     return {row["state"]: row["n"] for row in rows}
 
 
 def _end_to_end(db: StateDB) -> list[float]:
     """Seconds from a study's first instance to the last sent row of each done job whose
     rows are all sent."""
-    rows = db._query(
+    rows = db.query(
         "SELECT s.first_received AS received, MAX(o.sent_at) AS sent,"
         " SUM(CASE WHEN o.state = ? THEN 0 ELSE 1 END) AS unsent"
         " FROM jobs j JOIN studies s ON s.study_uid = j.study_uid"

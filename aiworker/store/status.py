@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiworker.store.db import PROBLEM_EVENTS, StateDB
+from aiworker.store.db import StateDB
+from aiworker.store.events import PROBLEM_EVENTS
 from aiworker.store.layout import ResultFolder
 from aiworker.store.outbox import DEAD, SENT, Outbox, OutboxRow
 

@@ -16,9 +16,12 @@ from urllib.parse import quote
 
 from aiworker.config import Config
 from aiworker.store import dashboard
-from aiworker.store.db import FAILED, PROBLEM_EVENTS, JobError, StateDB
+from aiworker.store.db import StateDB
+from aiworker.store.events import PROBLEM_EVENTS
+from aiworker.store.jobs import JobError
 from aiworker.store.layout import ResultFolder
 from aiworker.store.outbox import DEAD, Outbox
+from aiworker.store.states import FAILED
 from aiworker.store.status import job_json, outbox_json, problem_json, status_report
 from aiworker.store.status import timeline as timeline_of
 

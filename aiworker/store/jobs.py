@@ -1,0 +1,237 @@
+"""The job lifecycle in the state DB, mixed into :class:`~aiworker.store.db.StateDB`.
+
+A match of a selection adds a ``jobs`` row in state ``queued`` (:func:`queue_job`); its
+``job_key`` is derived from the study, the chosen series and the model (:func:`job_key`), so
+selecting the same series for the same model again finds the same job instead of adding one.
+A worker claims the oldest ``queued`` job, which becomes ``running`` (one more ``attempts``)
+in one statement, and ends it ``done`` (findings, timings per step, device, result folder)
+or ``failed`` (the error, its kind - ``data``, ``model`` or ``resource`` - and the timings so
+far). A job still ``running`` when the node starts was cut off by a crash and is queued again
+(:meth:`JobTable.requeue_running`); an operator re-queues a failed one
+(:meth:`JobTable.retry_job`). The outbox stage marks a done job ``dispatched`` once it has
+queued its rows (or found it sends nowhere), which retention waits for. Each change adds an
+event (``job_started``, ``job_done``, ``job_failed``, ``job_requeued``, ``job_retried``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from aiworker.store.events import write_event
+from aiworker.store.states import DONE, ERROR_KINDS, FAILED, QUEUED, RUNNING, SUPERSEDED
+
+
+class JobError(Exception):
+    """A job reference that names no job, several jobs, or a job in the wrong state."""
+
+
+def job_key(study_uid: str, inputs: dict[str, str], model: str) -> str:
+    """The identity of a job: the same study, series (by role) and model give the same key,
+    and every result the job produces derives its UIDs from it."""
+    roles = ",".join(f"{role}={uid}" for role, uid in sorted(inputs.items()))
+    return hashlib.sha256(f"{study_uid}|{roles}|{model}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job a selection asks for: run ``model`` of ``pipeline`` on the chosen series."""
+
+    pipeline: str
+    model: str
+    study_uid: str
+    inputs: dict[str, str]  # role -> series UID
+
+    @property
+    def key(self) -> str:
+        return job_key(self.study_uid, self.inputs, self.model)
+
+    @property
+    def series_uid(self) -> str:
+        """The series of the first role: the one a job is listed under."""
+        return next(iter(self.inputs.values()))
+
+
+class JobTable:
+    """The job methods of the state DB (which gives the transaction and the query)."""
+
+    _transaction: Callable[[], AbstractContextManager[sqlite3.Cursor]]
+    _query: Callable[..., list[sqlite3.Row]]
+
+    def jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs, oldest first; only one study's when ``study_uid`` is given."""
+        sql, params = "SELECT * FROM jobs", ()
+        if study_uid is not None:
+            sql, params = sql + " WHERE study_uid = ?", (study_uid,)
+        rows = self._query(sql + " ORDER BY created_at, job_id", params)
+        return [job_row(r) for r in rows]
+
+    def jobs_to_dispatch(self) -> list[dict[str, Any]]:
+        """Done jobs with a result folder that the outbox stage has not handed on yet (no
+        outbox row, not marked by :meth:`mark_dispatched`), oldest first."""
+        rows = self._query(
+            "SELECT * FROM jobs j WHERE state = ? AND result_dir IS NOT NULL"
+            " AND dispatched_at IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id)"
+            " ORDER BY finished_at, job_id", (DONE,))
+        return [job_row(r) for r in rows]
+
+    def mark_dispatched(self, job_id: str, now: float | None = None) -> None:
+        """The outbox stage has queued the job's rows, or found it sends nowhere: until
+        then retention must not take the study for delivered."""
+        with self._transaction() as cur:
+            cur.execute("UPDATE jobs SET dispatched_at = ? WHERE job_id = ?",
+                        (time.time() if now is None else now, job_id))
+
+    def has_queued_job(self) -> bool:
+        """Whether a job waits (a read, cheaper than :meth:`claim_job`'s write lock)."""
+        return bool(self._query("SELECT 1 FROM jobs WHERE state = ? LIMIT 1", (QUEUED,)))
+
+    def claim_job(self) -> dict[str, Any] | None:
+        """Take the oldest queued job: it becomes ``running`` with one more attempt in a
+        single statement, so two workers never take the same job. None when none waits."""
+        now = time.time()
+        with self._transaction() as cur:
+            row = cur.execute(
+                "UPDATE jobs SET state = ?, started_at = ?, updated_at = ?, finished_at = NULL,"
+                " attempts = attempts + 1 WHERE state = ? AND job_id = (SELECT job_id FROM jobs"
+                " WHERE state = ? ORDER BY created_at, job_id LIMIT 1) RETURNING *",
+                (RUNNING, now, now, QUEUED, QUEUED),
+            ).fetchone()
+            if row is not None:
+                write_event(cur, "job_started", row["study_uid"], row["series_uid"], None,
+                       job_id=row["job_id"], model=row["model"], attempt=row["attempts"])
+        return None if row is None else job_row(row)
+
+    def finish_job(self, job_id: str, findings: dict[str, Any], timings: dict[str, float],
+                   device: str, result_dir: str) -> bool:
+        """A running job is ``done``; False when it was not running (nothing changes)."""
+        now = time.time()
+        with self._transaction() as cur:
+            row = cur.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, findings = ?,"
+                " timings = ?, device = ?, result_dir = ?, error = NULL, error_kind = NULL"
+                " WHERE job_id = ? AND state = ? RETURNING study_uid, series_uid, model",
+                (DONE, now, now, json.dumps(findings), json.dumps(timings), device, result_dir,
+                 job_id, RUNNING),
+            ).fetchone()
+            if row is not None:
+                write_event(cur, "job_done", row["study_uid"], row["series_uid"], None,
+                       job_id=job_id, model=row["model"], device=device, timings=timings)
+        return row is not None
+
+    def fail_job(self, job_id: str, error: str, kind: str, timings: dict[str, float],
+                 device: str | None = None) -> bool:
+        """A running job is ``failed`` with its error, the error's kind (one of
+        :data:`ERROR_KINDS`) and the timings of the steps it finished; False when it was
+        not running."""
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"error kind must be one of {', '.join(ERROR_KINDS)}, not {kind!r}")
+        now = time.time()
+        with self._transaction() as cur:
+            row = cur.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, error = ?,"
+                " error_kind = ?, timings = ?, device = ? WHERE job_id = ? AND state = ?"
+                " RETURNING study_uid, series_uid, model",
+                (FAILED, now, now, error, kind, json.dumps(timings), device, job_id, RUNNING),
+            ).fetchone()
+            if row is not None:
+                write_event(cur, "job_failed", row["study_uid"], row["series_uid"], None,
+                       job_id=job_id, model=row["model"], error_kind=kind,
+                       reason=f"{kind} error: {error}")
+        return row is not None
+
+    def failed_job_ids(self, kind: str, error_prefix: str) -> list[str]:
+        """The failed jobs of an error kind whose error begins with ``error_prefix``, oldest
+        first (the infer stage retries those a full disk stopped)."""
+        rows = self._query("SELECT job_id FROM jobs WHERE state = ? AND error_kind = ? AND"
+                           " SUBSTR(error, 1, ?) = ? ORDER BY created_at, job_id",
+                           (FAILED, kind, len(error_prefix), error_prefix))
+        return [row["job_id"] for row in rows]
+
+    def requeue_running(self, reason: str = "restart") -> list[str]:
+        """Queue again every ``running`` job (its run was cut off: a crash, or the node
+        stopping mid-job); returns their ids."""
+        now = time.time()
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?"
+                " RETURNING job_id, study_uid, series_uid, model", (QUEUED, now, RUNNING),
+            ).fetchall()
+            for row in rows:
+                write_event(cur, "job_requeued", row["study_uid"], row["series_uid"], None,
+                       job_id=row["job_id"], model=row["model"], reason=reason)
+        return [row["job_id"] for row in rows]
+
+    def retry_job(self, ref: str) -> dict[str, Any]:
+        """Queue a failed job again; ``ref`` is its job_id or a prefix of its job_id or
+        job_key. Returns the job as it was before. Raises :class:`JobError` when ``ref``
+        names no job, several jobs, or a job that is not ``failed``."""
+        ref = ref.strip()
+        if not ref:
+            raise JobError("give a job id (or its first characters)")
+        now = time.time()
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "SELECT * FROM jobs WHERE SUBSTR(job_id, 1, ?) = ? OR SUBSTR(job_key, 1, ?) = ?"
+                " ORDER BY created_at, job_id", (len(ref), ref, len(ref), ref),
+            ).fetchall()
+            job = _only_job(ref, rows)
+            if job["state"] != FAILED:
+                raise JobError(f"job {job['job_id']} is {job['state']}, not failed: only a "
+                               "failed job can be retried")
+            cur.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, finished_at = NULL, error = NULL,"
+                " error_kind = NULL, findings = NULL, device = NULL, result_dir = NULL"
+                " WHERE job_id = ?", (QUEUED, now, job["job_id"]))
+            write_event(cur, "job_retried", job["study_uid"], job["series_uid"], None,
+                   job_id=job["job_id"], model=job["model"], error_kind=job["error_kind"],
+                   error=job["error"], attempts=job["attempts"])
+        return job
+
+
+def job_row(row: sqlite3.Row) -> dict[str, Any]:
+    """A jobs row as a dict, its JSON columns parsed."""
+    job = dict(row)
+    job["inputs"] = json.loads(job["inputs"])
+    for column in ("timings", "findings"):
+        job[column] = json.loads(job[column]) if job.get(column) else None
+    return job
+
+
+def _only_job(ref: str, rows: list[sqlite3.Row]) -> dict[str, Any]:
+    """The one job ``ref`` names: an exact job_id wins over prefixes."""
+    exact = [row for row in rows if row["job_id"] == ref]
+    if exact or len(rows) == 1:
+        return job_row((exact or rows)[0])
+    if not rows:
+        raise JobError(f"no job {ref!r}: see `aiworker status` for job ids")
+    shown = ", ".join(row["job_id"] for row in rows[:5])
+    raise JobError(f"{ref!r} names {len(rows)} jobs ({shown}): give more of the id")
+
+
+def queue_job(cur: sqlite3.Cursor, job: NewJob, now: float) -> tuple[str, bool]:
+    """Queue ``job`` unless its key is there; a superseded job wanted again is re-queued.
+    Returns (job_id, whether a row was added)."""
+    added = cur.execute(
+        "INSERT INTO jobs (job_id, job_key, pipeline, model, study_uid, series_uid, inputs,"
+        " state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (job_key) DO NOTHING RETURNING job_id",
+        (uuid.uuid4().hex, job.key, job.pipeline, job.model, job.study_uid, job.series_uid,
+         json.dumps(job.inputs), QUEUED, now, now),
+    ).fetchone()
+    if added is not None:
+        return added["job_id"], True
+    (job_id,) = cur.execute(
+        "UPDATE jobs SET state = ?, updated_at = ? WHERE job_key = ? AND state = ?"
+        " RETURNING job_id", (QUEUED, now, job.key, SUPERSEDED),
+    ).fetchone() or cur.execute("SELECT job_id FROM jobs WHERE job_key = ?",
+                                (job.key,)).fetchone()
+    return job_id, False
