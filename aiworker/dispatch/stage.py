@@ -16,7 +16,6 @@ lines and events carry ids only. A DICOMweb destination gets what a DICOM one wo
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from aiworker.config import Config, DicomDestination, DicomWebDestination, Pipeline
 from aiworker.dispatch.outbox import Dispatcher, default_senders
+from aiworker.polling import PollingStage
 from aiworker.store.db import StateDB
 from aiworker.store.layout import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE
 from aiworker.store.outbox import NewObject, Outbox, RetryPolicy
@@ -104,10 +104,13 @@ def _sop_instance_uid(path: Path, kind: str) -> str | None:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-class OutboxStage:
+class OutboxStage(PollingStage):
     """Queues done jobs' objects and sends due rows from one thread until stopped."""
 
+    name = "outbox"
+
     def __init__(self, db: StateDB, config: Config, calling_ae: str):
+        super().__init__(config.dispatch.interval_s)
         self.db = db
         self.config = config
         self.pipelines = {p.name: p for p in config.pipelines}
@@ -118,22 +121,17 @@ class OutboxStage:
                                      policies=destination_policies(config),
                                      batch_size=settings.batch_size)
         self.outbox: Outbox = self.dispatcher.outbox
-        self.interval = settings.interval_s
         self._waiting: set[str] = set()  # jobs logged as waiting for their files
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
 
     def start(self) -> None:
         recovered = self.dispatcher.recover()
         if recovered:
             log.info("outbox: %d rows were being sent when the node stopped; pending again",
                      recovered)
-        self._thread.start()
+        super().start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self._longest_send_s() + 10)
+    def join_timeout(self) -> float:
+        return self._longest_send_s() + 10
 
     def _longest_send_s(self) -> float:
         """About how long one send may take at most, from the destinations' timeouts."""
@@ -184,11 +182,3 @@ class OutboxStage:
             return None
         self._waiting.discard(job["job_id"])
         return objects
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # a bad row or file must not stop sending for good
-                log.exception("outbox stage tick failed")
-            self._stop.wait(self.interval)

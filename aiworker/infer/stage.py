@@ -22,7 +22,6 @@ never sent) is queued again once the space is back.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from aiworker.infer.process import InferenceProcess, ProcessGone, WorkerSettings
 from aiworker.infer.registry import ModelSpec, Registry, model_id
 from aiworker.infer.run import DISK_FULL, Failure, JobReply, JobRequest
 from aiworker.infer.volume import VolumeError
+from aiworker.polling import PollingStage
 from aiworker.select.decide import Pipeline
 from aiworker.store.db import StateDB
 from aiworker.store.disk import free_mb
@@ -84,17 +84,20 @@ def channel_roles(roles: list[str], spec: ModelSpec) -> list[str]:
                      f"but the pipeline's roles are {', '.join(roles) or 'none'}")
 
 
-class InferenceWorker:
-    """Runs queued jobs one at a time in the inference process, until stopped."""
+class InferenceWorker(PollingStage):
+    """Runs queued jobs one at a time in the inference process, until stopped; the next
+    job at once after one ran."""
+
+    name = "infer"
+    again_at_once = True
+    join_timeout_s = 30.0
 
     def __init__(self, db: StateDB, settings: WorkerSettings, interval: float = 0.1):
+        super().__init__(interval)
         self.db = db
         self.settings = settings
         self.time_limit_s = settings.time_limit_s
-        self.interval = interval
         self.process: InferenceProcess | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="infer", daemon=True)
         self.disk_check_s = DISK_CHECK_S
         self._disk_checked_at = -DISK_CHECK_S
         self._disk_ok = True
@@ -104,13 +107,11 @@ class InferenceWorker:
             limit = self.time_limit_s or spec.manifest.inference.time_limit_s
             log.info("model %s: %s from %s, time limit %g s", name, model_id(spec),
                      spec.folder, limit)
-        self._thread.start()
+        super().start()
 
     def stop(self) -> None:
         """Stop claiming, stop the inference process, and queue again a job it was running."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        super().stop()
         self._stop_process()  # the thread stops it; not when it never ran
         requeued = self.db.requeue_running("node stopped")
         if requeued:
@@ -246,20 +247,10 @@ class InferenceWorker:
             self.process.stop()
             self.process = None
 
-    def _run(self) -> None:
-        """Tick until stopped, then stop the inference process from this thread: the one
-        that started it, whose end the kernel would otherwise answer by killing it."""
-        try:
-            while not self._stop.is_set():
-                try:
-                    ran = self.tick()
-                except Exception:  # keep the stage alive; the next tick retries
-                    log.exception("inference tick failed")
-                    ran = False
-                if not ran:
-                    self._stop.wait(self.interval)
-        finally:
-            self._stop_process()
+    def finished(self) -> None:
+        """Stop the inference process from the stage's thread: the one that started it,
+        whose end the kernel would otherwise answer by killing it."""
+        self._stop_process()
 
 
 def _failure(kind: str, error: str) -> JobReply:

@@ -12,9 +12,9 @@ again.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
+from aiworker.polling import PollingStage
 from aiworker.select.decide import Pipeline, StudyDecision, decide, study_headers_from_paths
 from aiworker.select.features import DEFAULT_SETTINGS, FeatureSettings
 from aiworker.store.db import StateDB
@@ -24,28 +24,23 @@ from aiworker.store.selections import SelectionRecord
 log = logging.getLogger("aiworker.select")
 
 
-class SelectionWorker:
+class SelectionWorker(PollingStage):
     """Runs :meth:`tick` periodically until stopped."""
+
+    name = "select"
 
     def __init__(self, db: StateDB, pipelines: list[Pipeline],
                  settings: FeatureSettings = DEFAULT_SETTINGS, interval: float = 0.1):
+        super().__init__(interval)
         self.db = db
         self.pipelines = pipelines
         self.settings = settings
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="select", daemon=True)
 
     def start(self) -> None:
         for pipeline in self.pipelines:
             log.info("pipeline %s: model %s, rules %s (sha256 %s)", pipeline.name,
                      pipeline.model, pipeline.rules.source, pipeline.rules.sha256[:12])
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        super().start()
 
     def tick(self) -> int:
         """Decide every study that owes a decision now; returns how many were decided."""
@@ -53,7 +48,7 @@ class SelectionWorker:
             return 0
         waiting = self.db.awaiting_selection([p.name for p in self.pipelines])
         for study_uid, completed_at, owed in waiting:
-            if self._stop.is_set():
+            if self.stopping:
                 break
             self.select_study(study_uid, completed_at, owed)
         return len(waiting)
@@ -73,14 +68,6 @@ class SelectionWorker:
             record = self.db.record_selection(study_uid, completed_at, pipeline.name,
                                               explanation, job)
             _log(study_uid, pipeline.name, explanation, record)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # keep the stage alive; the next tick retries
-                log.exception("selection tick failed")
-            self._stop.wait(self.interval)
 
 
 def _outcome(study_uid: str, pipeline: Pipeline, decision: StudyDecision | None,

@@ -9,31 +9,24 @@ instance is older than the stable time complete on the first tick.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from aiworker.polling import PollingStage
 from aiworker.store.db import StateDB
 
 log = logging.getLogger("aiworker.store")
 
 
-class CompletionScheduler:
+class CompletionScheduler(PollingStage):
     """Runs :meth:`StateDB.complete_idle` periodically until stopped."""
 
+    name = "completion"
+    join_timeout_s = 5.0
+
     def __init__(self, db: StateDB, stable_seconds: float):
+        super().__init__(min(1.0, stable_seconds / 4))
         self.db = db
         self.stable_seconds = stable_seconds
-        self.interval = min(1.0, stable_seconds / 4)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     def tick(self) -> list[str]:
         """Complete what is due now; returns the series UIDs completed."""
@@ -42,11 +35,3 @@ class CompletionScheduler:
             log.info("series complete (idle %.0fs): %s", self.stable_seconds, series_uid,
                      extra={"series_uid": series_uid})
         return completed
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # keep the scheduler alive; the next tick retries
-                log.exception("completion tick failed")
-            self._stop.wait(self.interval)

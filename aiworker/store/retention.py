@@ -27,11 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiworker.polling import PollingStage
 from aiworker.store.db import StateDB
 from aiworker.store.disk import free_mb
 from aiworker.store.layout import DataPaths
@@ -180,31 +180,16 @@ def apply_retention(db: StateDB, paths: DataPaths, policy: RetentionPolicy,
     return purged
 
 
-class RetentionStage:
-    """Runs :func:`apply_retention` every ``interval_s`` until stopped."""
+class RetentionStage(PollingStage):
+    """Runs :func:`apply_retention` at start and every ``interval_s`` until stopped."""
+
+    name = "retention"
 
     def __init__(self, db: StateDB, paths: DataPaths, policy: RetentionPolicy,
                  interval_s: float):
+        super().__init__(interval_s)
         self.db, self.paths, self.policy = db, paths, policy
-        self.interval_s = interval_s
         open_tables(db)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        """A pass at start, then one every ``interval_s``."""
-        while True:
-            try:
-                apply_retention(self.db, self.paths, self.policy)
-            except Exception:  # keep the stage alive; the next pass retries
-                log.exception("retention pass failed")
-            if self._stop.wait(self.interval_s):
-                return
+    def tick(self) -> list[Purged]:
+        return apply_retention(self.db, self.paths, self.policy)
