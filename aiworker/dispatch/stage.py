@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from aiworker.config import Config, DicomDestination, DicomWebDestination, Pipeline
 from aiworker.dispatch.outbox import Dispatcher, default_senders
+from aiworker.infer.gate import withheld_objects
 from aiworker.polling import PollingStage
 from aiworker.store.db import StateDB
 from aiworker.store.layout import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE
@@ -78,8 +79,10 @@ def destination_policies(config: Config) -> dict[str, RetryPolicy]:
 
 def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[NewObject]:
     """The objects a job of ``pipeline`` sends: one per (output file, destination).
-    Raises OSError while one of their files is not written yet."""
+    Raises OSError while one of their files is not written yet. A SEG the quality gate
+    withholds (a result that is not assessable) is not sent."""
     objects = []
+    withheld = withheld_objects(result_dir)
     for name in pipeline.send_to:
         destination = config.destinations.get(name)
         if destination is None:
@@ -88,7 +91,7 @@ def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[Ne
             kinds = dicom_objects(pipeline, destination)
         else:
             kinds = ["hl7"] if "hl7" in pipeline.outputs else []
-        for object_kind in kinds:
+        for object_kind in (kind for kind in kinds if kind not in withheld):
             path = result_dir / FILES[object_kind]
             if not path.is_file():
                 raise FileNotFoundError(path)

@@ -3,10 +3,13 @@
 :func:`run_job` is the one place a job runs, for the node's inference process
 (:mod:`aiworker.infer.process`) and for ``aiworker infer`` (:mod:`aiworker.offline`) alike.
 It loads the input series (timing ``load``), runs the engine (``preprocess``, ``model``,
-``postprocess``, ``resample``), writes ``labels.nii.gz`` (the labels on the first input
-series' geometry) and ``findings.json`` into the job's folder (``write``), each under a
-temporary name, flushed and renamed, and then, when it is given a ``write_objects``
-function, the job's result objects (``seg``, ``sr``, ``report``, ``hl7``, ``preview``).
+``postprocess``, ``resample``), passes the findings through the manifest's quality gate
+(:mod:`aiworker.infer.gate`, counted in ``postprocess``: a result outside what the model was
+trained on becomes "not assessable" with its reasons), writes ``labels.nii.gz`` (the
+labels on the first input series' geometry) and ``findings.json`` into the job's folder
+(``write``), each under a temporary name, flushed and renamed, and then, when it is given
+a ``write_objects`` function, the job's result objects (``seg``, ``sr``, ``report``,
+``hl7``, ``preview``).
 
 Every failure becomes a :class:`JobReply` with a kind (:func:`classify_error`): ``data``
 (the series cannot be read as one volume; the result objects cannot be made from it),
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiworker.infer import gate
 from aiworker.infer.manifest import ModelError
 from aiworker.infer.registry import model_id
 from aiworker.store.disk import free_mb, is_disk_full
@@ -103,7 +107,12 @@ def run_job(request: JobRequest, engine: Any, write_objects: WriteObjects | None
         result = engine.run(series)
         timings |= result.timings
         started = time.perf_counter()
-        findings = json.loads(json.dumps(result.findings, default=_plain))
+        findings = gated(result, series, engine.spec.manifest)
+        if "quality" in findings:  # the gate's checks count as postprocessing
+            timings["postprocess"] = round(timings.get("postprocess", 0.0)
+                                           + time.perf_counter() - started, 4)
+        started = time.perf_counter()
+        findings = json.loads(json.dumps(findings, default=_plain))
         document = findings if request.about is None else \
             request.about | {"device": result.device, "findings": findings}
         write_results(request.result_dir, result.label_image, document)
@@ -118,6 +127,23 @@ def run_job(request: JobRequest, engine: Any, write_objects: WriteObjects | None
         return JobReply.failed(failure, timings)
     return JobReply(timings=timings, findings=findings, device=result.device,
                     result_dir=str(request.result_dir))
+
+
+def gated(result: Any, series: list[Any], manifest: Any) -> dict[str, Any]:
+    """The run's findings through the manifest's quality gate (:mod:`aiworker.infer.gate`):
+    unchanged without a ``gate:`` section, else with its verdict in ``quality``."""
+    spec = manifest.gate
+    if spec is None:
+        return result.findings
+    from aiworker.infer.preprocess import voxel_ml
+
+    verdict = gate.judge(spec, manifest, series[0].image, result.labels,
+                         voxel_ml(series[0].image), result.confidence)
+    findings = gate.apply(result.findings, verdict, spec, manifest)
+    if not verdict.assessable:
+        log.info("series %s: not assessable (%d input/output checks failed)",
+                 result.findings.get("series_uid"), len(verdict.reasons))
+    return findings
 
 
 def _write_objects(write: WriteObjects, request: JobRequest, loaded: Any, labels: Any,

@@ -16,8 +16,12 @@ One message per job, segments in this order::
     OBX  NM: the volume of every structure of the model, unit UCUM "mL"
     OBX  TX: the text report, one OBX per line
 
-Every OBX has result status P. Observation identifiers are local codes (HL7 table 0396
-"99zzz") of :data:`CODE_SYSTEM`.
+Every OBX has result status P. A result the quality gate (:mod:`aiworker.infer.gate`) found
+not assessable makes no tear or intact claim: the ACL OBX is TX ``not assessable: <reason>``
+(one OBX per reason), and the probability and the volume of every structure that is not
+assessable carry no value and result status X (HL7 table 0085: "Results cannot be obtained
+for this observation"). Observation identifiers are local codes (HL7 table 0396 "99zzz")
+of :data:`CODE_SYSTEM`.
 
 hl7apy builds and validates every standard segment; it neither writes nor reads a Z
 segment inside a group (its ER7 writer and its group finder skip segments its structure
@@ -49,6 +53,7 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
+from aiworker.infer import gate
 from aiworker.infer.manifest import Manifest
 from aiworker.results.patient import PatientStudy, read_patient_study
 from aiworker.results.uids import message_control_id
@@ -59,6 +64,8 @@ CODE_SYSTEM = "99AIW"
 SEGMENT_SEPARATOR = "\r"
 ACL_CODES = {"torn": ("ACL-TORN", "Anterior cruciate ligament torn"),
              "intact": ("ACL-INTACT", "Anterior cruciate ligament intact")}
+CANNOT_BE_OBTAINED = "X"  # OBX-11, HL7 table 0085: results cannot be obtained
+MAX_TEXT = 180  # characters of one reason in an OBX (hl7apy's TX limit is 199, escapes grow)
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
 _UNESCAPES = {sequence: char for char, sequence in _ESCAPES}
@@ -119,10 +126,10 @@ def build_oru(source_dataset: Dataset, findings: dict[str, Any], report: str,
     order = result.add_group("ORU_R01_ORDER_OBSERVATION")
     _orc(order.add_segment("ORC"), patient)
     _obr(order.add_segment("OBR"), patient, settings)
-    for number, (kind, code, value, unit) in enumerate(
+    for number, (kind, code, value, unit, status) in enumerate(
             _observations(findings, report, manifest), start=1):
         _obx(order.add_group("ORU_R01_OBSERVATION").add_segment("OBX"),
-             number, kind, code, value, unit)
+             number, kind, code, value, unit, status)
     message.validate()
     segments = message.to_er7().split(SEGMENT_SEPARATOR)
     at = next(k for k, s in enumerate(segments) if s.startswith("OBR|")) + 1
@@ -220,22 +227,31 @@ def zds(patient: PatientStudy, settings: Hl7Settings) -> Segment:
 
 
 def _observations(findings: dict[str, Any], report: str, manifest: Manifest
-                  ) -> list[tuple[str, str, str, str]]:
-    """(value type, OBX-3, OBX-5, OBX-6) of every OBX, in message order."""
+                  ) -> list[tuple[str, str, str, str, str]]:
+    """(value type, OBX-3, OBX-5, OBX-6, OBX-11) of every OBX, in message order."""
     rows = []
     acl = findings.get("classification", {}).get("acl")
-    if acl is not None:
+    probability = _code("ACL-TEAR-P", "Probability of ACL tear")
+    if acl is not None and gate.finding_reasons(findings, "acl"):
+        for reason in gate.finding_reasons(findings, "acl"):  # one OBX each: TX <= 199
+            text = gate.reason_text([reason])
+            text = text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
+            rows.append(("TX", _code("ACL", "ACL assessment"), escape(text), "", "P"))
+        rows.append(("NM", probability, "", "", CANNOT_BE_OBTAINED))
+    elif acl is not None:
         code, text = ACL_CODES["torn" if acl["decision"] == "torn" else "intact"]
-        rows.append(("CWE", _code("ACL", "ACL assessment"), _code(code, text), ""))
-        rows.append(("NM", _code("ACL-TEAR-P", "Probability of ACL tear"),
-                     _number(acl["probability"]), "1^1^UCUM"))
+        rows.append(("CWE", _code("ACL", "ACL assessment"), _code(code, text), "", "P"))
+        rows.append(("NM", probability, _number(acl["probability"]), "1^1^UCUM", "P"))
     volumes = findings.get("volumes_ml", {})
     labels = manifest.outputs.segmentation.labels if manifest.outputs.segmentation else []
     for label in labels:
-        rows.append(("NM", _code(volume_code(label.name), f"{label.name} volume"),
-                     _number(volumes.get(label.name, 0.0)), "mL^mL^UCUM"))
+        code = _code(volume_code(label.name), f"{label.name} volume")
+        if gate.structure_reasons(findings, label.name):
+            rows.append(("NM", code, "", "", CANNOT_BE_OBTAINED))
+        else:
+            rows.append(("NM", code, _number(volumes.get(label.name, 0.0)), "mL^mL^UCUM", "P"))
     for line in report.rstrip("\n").split("\n"):
-        rows.append(("TX", _code("REPORT", "AI report text"), escape(line), ""))
+        rows.append(("TX", _code("REPORT", "AI report text"), escape(line), "", "P"))
     return rows
 
 
@@ -254,8 +270,9 @@ def _number(value: float) -> str:
     return format(float(value), "f").rstrip("0").rstrip(".") or "0"
 
 
-def _obx(obx: Segment, number: int, kind: str, code: str, value: str, unit: str) -> None:
-    """One observation, preliminary (status P)."""
+def _obx(obx: Segment, number: int, kind: str, code: str, value: str, unit: str,
+         status: str = "P") -> None:
+    """One observation: preliminary (status P), or X when it cannot be obtained."""
     obx.obx_1 = str(number)
     obx.obx_2 = kind
     obx.obx_3 = code
@@ -263,7 +280,7 @@ def _obx(obx: Segment, number: int, kind: str, code: str, value: str, unit: str)
         obx.obx_5 = value
     if unit:
         obx.obx_6 = unit
-    obx.obx_11 = "P"
+    obx.obx_11 = status
 
 
 def parse_ack(text: str) -> tuple[str, str]:

@@ -10,8 +10,11 @@ Capture for PACS viewers that cannot show a SEG; and ``warnings.json``, the sour
 values the objects do not carry as they were (see :mod:`~aiworker.results.patient`: the
 patient and study are read once, cleaned, and every object carries the same). Each file is
 written under a temporary name, fsynced and renamed, so a crash never leaves half an object
-under its real name. Their UIDs and the HL7 control id are derived from the series and the
-model, so writing them again gives the same objects.
+under its real name. A result the quality gate found not assessable has no ``seg.dcm``
+unless its manifest's ``gate.send_seg_when_not_assessable`` says so (its SR then references
+no segment; :func:`~aiworker.infer.gate.withheld_objects` tells the outbox). Their UIDs and
+the HL7 control id are derived from the series and the model, so writing them again gives
+the same objects.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from aiworker.infer import gate
 from aiworker.infer.manifest import Manifest
 from aiworker.infer.volume import LoadedSeries
 from aiworker.results.hl7 import Hl7Settings, build_oru
@@ -55,7 +59,7 @@ class ResultFiles:
     (``attribute``, ``problem``, ``action``, ``text``; never a value) also written to
     ``warnings``' file, :data:`~aiworker.store.layout.WARNINGS_FILE`."""
 
-    seg: Path
+    seg: Path | None  # None: withheld by the quality gate
     sr: Path
     report: Path
     hl7: Path
@@ -80,8 +84,9 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
     for warning in patient.warnings:
         log.warning("series %s: source header %s", loaded.series_uid, warning.text)
     timings: dict[str, float] = {}
-    seg = _timed(timings, "seg", lambda: build_seg(datasets, loaded, labels, manifest, model_id,
-                                                   patient=patient))
+    seg = None if gate.seg_withheld(findings) else _timed(
+        timings, "seg", lambda: build_seg(datasets, loaded, labels, manifest, model_id,
+                                          patient=patient))
     sr = _timed(timings, "sr", lambda: build_sr(datasets, seg, findings, manifest, model_id,
                                                 patient=patient))
     report = _timed(timings, "report", lambda: report_text(
@@ -94,7 +99,8 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
     k = preview_slice(labels, acl_label(manifest))
     image = render_preview(loaded, labels, manifest, slice_index=k)
     result = ResultFolder(folder)
-    files = ResultFiles(result.seg, result.sr, result.report, result.hl7, result.preview,
+    files = ResultFiles(None if seg is None else result.seg, result.sr, result.report,
+                        result.hl7, result.preview,
                         timings=timings, warnings=patient.warning_dicts(),
                         warnings_file=result.warnings)
     _write(files.preview, lambda path: image.save(path, format="PNG"))
@@ -105,7 +111,10 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
         files.sc = result.sc
         _write(files.sc, lambda path: sc.save_as(path, enforce_file_format=True))
     timings["preview"] = round(time.perf_counter() - started, 4)
-    _write(files.seg, lambda path: seg.save_as(path, enforce_file_format=True))
+    if files.seg is not None:
+        _write(files.seg, lambda path: seg.save_as(path, enforce_file_format=True))
+    else:
+        result.seg.unlink(missing_ok=True)  # a SEG an earlier run of the job wrote
     _write(files.sr, lambda path: sr.save_as(path, enforce_file_format=True))
     _write(files.report, lambda path: path.write_text(report, encoding="utf-8"))
     _write(files.hl7, lambda path: path.write_bytes(message.encode("utf-8")))

@@ -11,6 +11,12 @@ The report has five parts, in this order, each under its heading:
 * ``IMPRESSION``: numbered, short statements, the ACL first;
 * the fixed :data:`DISCLAIMER`, on one line of its own.
 
+A result the quality gate (:mod:`aiworker.infer.gate`) found not assessable says so instead
+of any finding: ``FINDINGS`` and ``IMPRESSION`` read ``Not assessable: <reason>`` and name no
+tear, no intact ligament and no volume. A structure that alone is not assessable is left out
+of the volumes and named with its reason; an ACL measured on one reads ``not assessable:
+<reason>``.
+
 Lines are wrapped at :data:`WIDTH` columns (the disclaimer is kept whole). The body names no
 patient: the HL7 PID segment and the DICOM patient module carry who the report is about.
 """
@@ -24,6 +30,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from aiworker.infer import gate
 from aiworker.infer.manifest import Manifest
 from aiworker.results.patient import PatientStudy, read_patient_study
 
@@ -55,11 +62,23 @@ def report_text(source_dataset: Dataset, series_info: SeriesInfo, findings: dict
     ``patient`` gives it, default: read from ``source_dataset``)."""
     volumes = _volumes(findings, manifest)
     acl = findings.get("classification", {}).get("acl")
+    whole = gate.whole_reasons(findings)
+    if whole:
+        found = [_upper_first(gate.reason_text(whole)) + ". No finding is reported: the "
+                 "series is outside what the model was trained on."]
+        impression = [f"1. {_upper_first(gate.reason_text(whole))}."]
+    else:
+        unassessable = {name: gate.structure_reasons(findings, name) for name in volumes}
+        unassessable = {name: reasons for name, reasons in unassessable.items() if reasons}
+        kept = {name: v for name, v in volumes.items() if name not in unassessable}
+        found = _findings(kept, acl) + [f"{name}: {gate.reason_text(reasons)}."
+                                        for name, reasons in unassessable.items()]
+        impression = _impression(kept, acl)
     sections = [
         ("EXAM", [_exam(patient or read_patient_study(source_dataset))]),
         ("TECHNIQUE", [_technique(series_info, manifest)]),
-        ("FINDINGS", _findings(volumes, acl)),
-        ("IMPRESSION", _impression(volumes, acl)),
+        ("FINDINGS", found),
+        ("IMPRESSION", impression),
     ]
     lines: list[str] = []
     for heading, paragraphs in sections:
@@ -128,6 +147,9 @@ def _acl_finding(volumes: dict[str, float], acl: dict[str, Any] | None) -> str:
     """The ACL paragraph: the model's decision and probability, or why there is none."""
     if acl is None:
         return "Anterior cruciate ligament: not assessed (the model has no ACL classifier)."
+    if acl["decision"] == gate.NOT_ASSESSABLE:
+        return (f"Anterior cruciate ligament: "
+                f"{gate.reason_text(acl.get('not_assessable') or ['quality gate'])}.")
     state = "torn" if acl["decision"] == "torn" else "intact"
     volume = (f", volume {_ml(volumes[ACL])}" if volumes.get(ACL, 0) > 0
               else ", not identified by the segmentation" if ACL in volumes else "")
@@ -140,6 +162,8 @@ def _impression(volumes: dict[str, float], acl: dict[str, Any] | None) -> list[s
     items = []
     if acl is None:
         items.append("ACL not assessed.")
+    elif acl["decision"] == gate.NOT_ASSESSABLE:
+        items.append(f"ACL {gate.reason_text(acl.get('not_assessable') or ['quality gate'])}.")
     elif acl["decision"] == "torn":
         items.append(f"Findings suggestive of ACL tear (probability {acl['probability']:.2f}).")
     else:
@@ -148,6 +172,10 @@ def _impression(volumes: dict[str, float], acl: dict[str, Any] | None) -> list[s
     if missing:
         items.append(f"Not identified, not assessed: {', '.join(missing)}.")
     return [f"{k}. {item}" for k, item in enumerate(items, start=1)]
+
+
+def _upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _not_identified(volumes: dict[str, float]) -> list[str]:

@@ -20,6 +20,15 @@
   the positive class as a measurement DCM 122157 "Probability" with unit UCUM ``1``
   (DCM 111047 "Probability of cancer" would say the wrong thing; 122157 is DICOM's generic
   probability concept). A head with no finding code in :data:`FINDING_CODES` is left out;
+* a structure or finding the quality gate (:mod:`aiworker.infer.gate`) found not
+  assessable (every one, when the whole result is not) makes no claim: its group has no
+  Volume and no Probability, and a qualitative evaluation with the value
+  :data:`UNDETERMINED`, SCT 373068000 "Undetermined", the third value of DICOM CID 240
+  "Present-Absent" (PS3.16; the superset of CID 241 that holds Present and Absent): the
+  head's finding (the ACL tear) is neither present nor absent, and for a structure without
+  a head its type (e.g. SCT 71341001 Femur) is. When the gate withholds the SEG
+  (``gate.send_seg_when_not_assessable`` false), the groups are TID 1501 Measurement and
+  Qualitative Evaluation groups that reference no segment, and the SEG is no evidence;
 * series description :data:`SERIES_DESCRIPTION`, series number ``SERIES_NUMBER_BASE +
   source series number`` unless the caller gives one, SOP Instance and Series Instance UIDs
   from :func:`aiworker.results.uids.result_uid`, so building again gives the same object;
@@ -30,9 +39,9 @@
   Evidence Sequence).
 
 Codes checked against pydicom's DICOM concept dictionaries (Volume, Present, Absent,
-Probability) and, for the SNOMED CT concepts DICOM does not list, against published value
-sets and finding models (241641004 "Magnetic resonance imaging of knee (procedure)";
-239725005 "Rupture of anterior cruciate ligament").
+Undetermined and CID 240's members, Probability) and, for the SNOMED CT concepts DICOM does
+not list, against published value sets and finding models (241641004 "Magnetic resonance
+imaging of knee (procedure)"; 239725005 "Rupture of anterior cruciate ligament").
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 import aiworker
+from aiworker.infer import gate
 from aiworker.infer.manifest import Code as ManifestCode
 from aiworker.infer.manifest import Label, Manifest
 from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
@@ -62,6 +72,7 @@ PROBABILITY = codes.DCM.Probability  # 122157
 NO_UNITS = codes.UCUM.NoUnits  # "1"
 PRESENT = codes.SCT.Present  # 52101004
 ABSENT = codes.SCT.Absent  # 272519000
+UNDETERMINED = codes.SCT.Undetermined  # 373068000, CID 240 Present-Absent
 FINDING_CODES: dict[str, Code] = {
     "acl": Code("239725005", "SCT", "Rupture of anterior cruciate ligament"),
 }
@@ -71,14 +82,15 @@ class SRError(Exception):
     """The findings, the manifest and the SEG do not fit together; the message says why."""
 
 
-def build_sr(source_datasets: Sequence[Dataset], seg_dataset: Dataset,
+def build_sr(source_datasets: Sequence[Dataset], seg_dataset: Dataset | None,
              findings: Mapping[str, Any], manifest: Manifest, model_id: str, *,
              series_number: int | None = None, patient: PatientStudy | None = None
              ) -> Dataset:
     """The Measurement Report of ``findings`` (a job's ``findings.json``) made by the model
     ``model_id`` (``name@version``) described by ``manifest``, on the series of
-    ``source_datasets`` and segmented in ``seg_dataset``; ``patient`` (default: read from
-    the first source) is the patient and study it carries."""
+    ``source_datasets`` and segmented in ``seg_dataset`` (None: the SEG the gate withholds,
+    so no group references a segment); ``patient`` (default: read from the first source)
+    is the patient and study it carries."""
     if not source_datasets:
         raise SRError("no source instances: the report needs the series it measured")
     patient = patient or read_patient_study(source_datasets[0])
@@ -93,7 +105,7 @@ def build_sr(source_datasets: Sequence[Dataset], seg_dataset: Dataset,
     if series_number is None:
         series_number = SERIES_NUMBER_BASE + int(source.get("SeriesNumber") or 0)
     return hd.sr.Comprehensive3DSR(
-        evidence=[*source_datasets, seg_dataset],
+        evidence=[*source_datasets, *([seg_dataset] if seg_dataset is not None else [])],
         content=report,
         series_instance_uid=result_uid(series_uid, model_id, "sr", "series"),
         series_number=series_number,
@@ -107,11 +119,13 @@ def build_sr(source_datasets: Sequence[Dataset], seg_dataset: Dataset,
                            f"{manifest.name} {manifest.version}"])
 
 
-def _check_series(findings: Mapping[str, Any], seg: Dataset, series_uid: str) -> None:
+def _check_series(findings: Mapping[str, Any], seg: Dataset | None, series_uid: str) -> None:
     """Raise unless the findings and the SEG are both of the source series."""
     if findings.get("series_uid", series_uid) != series_uid:
         raise SRError(f"the findings are of series {findings['series_uid']}, "
                       f"the source instances of series {series_uid}")
+    if seg is None:
+        return
     segmented = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
     if series_uid not in segmented:
         raise SRError(f"the SEG {seg.SOPInstanceUID} does not reference series {series_uid}")
@@ -132,12 +146,12 @@ class _HeadResult(NamedTuple):
     """A classification head's result, as the group of its region reports it."""
 
     finding: Code
-    present: bool
+    present: bool | None  # None: not assessable
     probability: float
 
 
-def _groups(seg: Dataset, findings: Mapping[str, Any], manifest: Manifest, model_id: str,
-            series_uid: str) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+def _groups(seg: Dataset | None, findings: Mapping[str, Any], manifest: Manifest,
+            model_id: str, series_uid: str) -> list[Any]:
     """One measurement group per structure of ``findings["volumes_ml"]``, in label order."""
     volumes: Mapping[str, float] = findings.get("volumes_ml", {})
     labels = manifest.outputs.segmentation.labels if manifest.outputs.segmentation else []
@@ -146,7 +160,9 @@ def _groups(seg: Dataset, findings: Mapping[str, Any], manifest: Manifest, model
         raise SRError(f"structures not in the manifest of {model_id}: {', '.join(unknown)}")
     results = _head_results(manifest, findings.get("classification", {}))
     algorithm = hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
-    return [_group(label, volumes[label.name], _referenced_segment(seg, label, series_uid),
+    return [_group(label, None if gate.structure_reasons(dict(findings), label.name)
+                   else volumes[label.name],
+                   _referenced_segment(seg, label, series_uid) if seg is not None else None,
                    result_uid(series_uid, model_id, "sr", f"tracking {label.name}"),
                    algorithm, results.get(label.value))
             for label in labels if label.name in volumes]
@@ -157,7 +173,8 @@ def _head_results(manifest: Manifest, classified: Mapping[str, Any]) -> dict[int
     code."""
     return {head.region.label: _HeadResult(
                 finding=FINDING_CODES[head.name],
-                present=classified[head.name]["decision"] == head.positive,
+                present=None if classified[head.name]["decision"] == gate.NOT_ASSESSABLE
+                else classified[head.name]["decision"] == head.positive,
                 probability=float(classified[head.name]["probability"]))
             for head in manifest.outputs.classification
             if head.name in classified and head.name in FINDING_CODES}
@@ -176,26 +193,35 @@ def _referenced_segment(seg: Dataset, label: Label, series_uid: str) -> hd.sr.Re
         source_series=hd.sr.SourceSeriesForSegmentation(series_uid))
 
 
-def _group(label: Label, volume_ml: float, segment: hd.sr.ReferencedSegment, tracking_uid: str,
-           algorithm: hd.sr.AlgorithmIdentification, result: _HeadResult | None
-           ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """The TID 1411 group of one structure: its volume and, for a head's region, the
-    head's finding and probability."""
-    measurements = [hd.sr.Measurement(name=VOLUME, value=float(volume_ml), unit=MILLILITRE)]
-    evaluations = None
-    if result is not None:
+def _group(label: Label, volume_ml: float | None, segment: hd.sr.ReferencedSegment | None,
+           tracking_uid: str, algorithm: hd.sr.AlgorithmIdentification,
+           result: _HeadResult | None) -> Any:
+    """The TID 1411 group of one structure (TID 1501 without a ``segment``): its volume
+    and, for a head's region, the head's finding and probability; a structure that is not
+    assessable (``volume_ml`` None) and a head's finding that is not state Undetermined."""
+    measurements = [] if volume_ml is None else [
+        hd.sr.Measurement(name=VOLUME, value=float(volume_ml), unit=MILLILITRE)]
+    evaluations = []
+    if volume_ml is None and result is None:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=_code(label.type),
+                                                       value=UNDETERMINED))
+    if result is not None and (result.present is None or volume_ml is None):
+        evaluations.append(hd.sr.QualitativeEvaluation(name=result.finding,
+                                                       value=UNDETERMINED))
+    elif result is not None:
         measurements.append(hd.sr.Measurement(name=PROBABILITY, value=result.probability,
                                               unit=NO_UNITS))
-        evaluations = [hd.sr.QualitativeEvaluation(
-            name=result.finding, value=PRESENT if result.present else ABSENT)]
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            name=result.finding, value=PRESENT if result.present else ABSENT))
+    common = {"tracking_identifier": hd.sr.TrackingIdentifier(uid=tracking_uid,
+                                                              identifier=label.name),
+              "finding_category": _code(label.category), "finding_type": _code(label.type),
+              "algorithm_id": algorithm, "measurements": measurements or None,
+              "qualitative_evaluations": evaluations or None}
+    if segment is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label.name),
-        referenced_segment=segment,
-        finding_category=_code(label.category),
-        finding_type=_code(label.type),
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations)
+        referenced_segment=segment, **common)
 
 
 def _code(code: ManifestCode) -> Code:
