@@ -6,6 +6,7 @@ running node that comes out not assessable in ``aiworker status --json``."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +245,8 @@ def test_hl7_and_report_say_not_assessable_and_claim_no_tear(unassessable) -> No
 def test_a_16_slice_study_through_the_node_is_not_assessable(node_factory, tmp_path) -> None:
     """A sagittal PD FS of 16 slices (partial coverage) sent with storescu: the job is done,
     ``status --json`` says not assessable with the reasons, the PACS (a real storescp)
-    gets the SR but no SEG, and the ORU^R01 and the report say not assessable."""
+    gets the SR but no SEG, the ORU^R01 and the report say not assessable, and so does the
+    dashboard's study page."""
     pacs = StoreSCP(tmp_path / "pacs").start()
     try:
         node = node_factory(
@@ -275,5 +277,10 @@ def test_a_16_slice_study_through_the_node_is_not_assessable(node_factory, tmp_p
         assert [r["object_kind"] for r in rows] == ["sr"]
         [received] = pacs.received()
         assert pydicom.dcmread(received).Modality == "SR"
+        url = f"http://127.0.0.1:{node.config['web']['port']}/studies/{study.study_uid}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            page = answer.read().decode("utf-8")
+        assert 'id="quality"' in page and "16 slices; the model was trained on" in page
+        assert "The SEG is not sent" in page and ">torn<" not in page
     finally:
         pacs.stop()
