@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 import aiworker
 from aiworker.infer.manifest import Label, Manifest
@@ -31,6 +32,8 @@ from aiworker.results.uids import result_uid
 TITLE = "AI preview - not for diagnostic use"
 SERIES_DESCRIPTION = "AI knee preview (not for diagnostic use)"
 SERIES_NUMBER_BASE = 9200
+SOP_CLASS = SecondaryCaptureImageStorage
+TRANSFER_SYNTAX = ImplicitVRLittleEndian  # highdicom's default for an SC made from a source
 MANUFACTURER = "aiworker"
 OPACITY = 0.45
 DISPLAY_SIZE = 512  # pixels along the longer side of the image part
@@ -146,6 +149,7 @@ def build_secondary_capture(source_dataset: Dataset, image: Image.Image, model_i
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=model_id.split("@")[0],
         software_versions=[f"aiworker {aiworker.__version__}", model_id],
+        transfer_syntax_uid=TRANSFER_SYNTAX,
     )
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

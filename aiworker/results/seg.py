@@ -45,6 +45,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import UID, ExplicitVRLittleEndian, SegmentationStorage
 
 import aiworker
 from aiworker.infer.manifest import Code, Label, Manifest
@@ -56,6 +57,10 @@ SERIES_DESCRIPTION = "AI knee segmentation (not for diagnostic use)"
 SERIES_NUMBER_BASE = 9000
 MANUFACTURER = "aiworker"
 KINDS = ("binary", "labelmap")
+# The SOP class of each kind (the node sends BINARY), and the transfer syntax written
+SOP_CLASSES = {"binary": SegmentationStorage,
+               "labelmap": UID("1.2.840.10008.5.1.4.1.1.66.7")}  # pydicom 3.0 lacks its name
+TRANSFER_SYNTAX = ExplicitVRLittleEndian
 SIDES = {"R": ("24028007", "SCT", "Right"), "L": ("7771000", "SCT", "Left")}
 
 
@@ -103,6 +108,7 @@ def build_seg(source_datasets: Sequence[Dataset], loaded: LoadedSeries, labels: 
         content_description=f"{manifest.name} {manifest.version} segmentation",
         omit_empty_frames=bool(pixels.any()),
         contributing_equipment=[_equipment(manifest)],
+        transfer_syntax_uid=TRANSFER_SYNTAX,
     )
 
 

@@ -53,7 +53,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 
 import aiworker
 from aiworker.infer import gate
@@ -64,6 +64,9 @@ from aiworker.results.uids import result_uid
 
 SERIES_DESCRIPTION = "AI knee measurements (not for diagnostic use)"
 SERIES_NUMBER_BASE = 9100
+# What hd.sr.Comprehensive3DSR writes (it takes no transfer syntax; tests check both)
+SOP_CLASS = Comprehensive3DSRStorage
+TRANSFER_SYNTAX = ExplicitVRLittleEndian
 MANUFACTURER = "aiworker"
 PROCEDURE = Code("241641004", "SCT", "MRI of knee")
 VOLUME = codes.SCT.Volume  # 118565006
