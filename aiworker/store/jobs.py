@@ -59,6 +59,11 @@ class NewJob:
         return next(iter(self.inputs.values()))
 
 
+# the jobs a reference names: a prefix of the job_id or of the job_key
+_BY_REF = ("SELECT * FROM jobs WHERE SUBSTR(job_id, 1, ?) = ? OR SUBSTR(job_key, 1, ?) = ?"
+           " ORDER BY created_at, job_id")
+
+
 class JobTable:
     """The job methods of the state DB (which gives the transaction and the query)."""
 
@@ -170,6 +175,14 @@ class JobTable:
                        job_id=row["job_id"], model=row["model"], reason=reason)
         return [row["job_id"] for row in rows]
 
+    def find_job(self, ref: str) -> dict[str, Any]:
+        """The one job ``ref`` names: its job_id, or a prefix of its job_id or job_key.
+        Raises :class:`JobError` when it names none or several."""
+        ref = ref.strip()
+        if not ref:
+            raise JobError("give a job id (or its first characters)")
+        return _only_job(ref, self._query(_BY_REF, (len(ref), ref, len(ref), ref)))
+
     def retry_job(self, ref: str) -> dict[str, Any]:
         """Queue a failed job again; ``ref`` is its job_id or a prefix of its job_id or
         job_key. Returns the job as it was before. Raises :class:`JobError` when ``ref``
@@ -179,10 +192,7 @@ class JobTable:
             raise JobError("give a job id (or its first characters)")
         now = time.time()
         with self._transaction() as cur:
-            rows = cur.execute(
-                "SELECT * FROM jobs WHERE SUBSTR(job_id, 1, ?) = ? OR SUBSTR(job_key, 1, ?) = ?"
-                " ORDER BY created_at, job_id", (len(ref), ref, len(ref), ref),
-            ).fetchall()
+            rows = cur.execute(_BY_REF, (len(ref), ref, len(ref), ref)).fetchall()
             job = _only_job(ref, rows)
             if job["state"] != FAILED:
                 raise JobError(f"job {job['job_id']} is {job['state']}, not failed: only a "

@@ -1,0 +1,5 @@
+"""``python -m aiworker.cli``: the ``aiworker`` command."""
+
+from aiworker.cli import app
+
+app()
