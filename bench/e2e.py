@@ -42,12 +42,22 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import receive as rx  # noqa: E402  (the receive benchmark's process and tool helpers)
+from common import (
+    OUT,
+    PROCS,
+    ROOT,
+    START_TIMEOUT_S,
+    Tools,
+    clean_env,
+    find_tools,
+    free_port,
+    git_revision,
+    wait_for_port,
+)
+from targets import launch_orthanc
 
-from aiworker.dispatch.mllp import MllpReceiver  # noqa: E402  (the stand-in RIS: answers AA)
+from aiworker.dispatch.mllp import MllpReceiver  # the stand-in RIS: answers AA
 
-ROOT = rx.ROOT
 ROLES = ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")
 STAGES = ("select", "queue", "load", "infer", "labels", "seg", "sr", "report", "preview",
           "other", "send")
@@ -81,22 +91,15 @@ class Orthanc:
         return {s["MainDicomTags"].get("Modality") for s in series} & {"SEG", "SR"}
 
 
-def start_orthanc(tools: rx.Tools, folder: Path) -> Orthanc:
-    dicom_port, http_port = rx.free_port(), rx.free_port()
-    config = folder / "orthanc.json"
-    config.write_text(json.dumps(rx.orthanc_config(folder, dicom_port, http_port)))
-    log = folder / "orthanc.log"
-    proc = rx.PROCS.start([str(tools.orthanc), str(config)], rx.clean_env(True), log)
-    rx.wait_for_port(dicom_port, proc, log, rx.START_TIMEOUT_S)
-    rx.wait_for_port(http_port, proc, log, rx.START_TIMEOUT_S)
-    return Orthanc(proc, dicom_port, http_port)
+def start_orthanc(tools: Tools, folder: Path) -> Orthanc:
+    return Orthanc(*launch_orthanc(tools, folder, nodelay=True))
 
 
-def start_node(tools: rx.Tools, folder: Path, orthanc: Orthanc, ris: MllpReceiver,
+def start_node(tools: Tools, folder: Path, orthanc: Orthanc, ris: MllpReceiver,
                args: argparse.Namespace) -> tuple[int, Path]:
     """``aiworker serve`` sending the knee pipeline's results to Orthanc and the RIS;
     returns its port and state DB."""
-    port = rx.free_port()
+    port = free_port()
     config = {
         "node": {"host": "127.0.0.1", "port": port},
         "storage": {"data_dir": str(folder / "data"), "min_free_mb": 1},
@@ -108,15 +111,15 @@ def start_node(tools: rx.Tools, folder: Path, orthanc: Orthanc, ris: MllpReceive
         "pipelines": [{"name": "knee", "rules": "config/rules/knee.yaml",
                        "model": "knee-demo", "send_to": ["pacs", "ris"]}],
         "dispatch": {"interval_s": 0.05},
-        "web": {"host": "127.0.0.1", "port": rx.free_port()},
+        "web": {"host": "127.0.0.1", "port": free_port()},
         "inference": {"device": args.device, "threads": args.threads},
         "logging": {"level": "WARNING"}}
     path = folder / "aiworker.yaml"
     path.write_text(json.dumps(config))
     log = folder / "node.log"
-    proc = rx.PROCS.start([*tools.aiworker, "serve", "--config", str(path)],
-                          rx.clean_env(True), log, cwd=ROOT)
-    rx.wait_for_port(port, proc, log, rx.START_TIMEOUT_S)
+    proc = PROCS.start([*tools.aiworker, "serve", "--config", str(path)], clean_env(True), log,
+                       cwd=ROOT)
+    wait_for_port(port, proc, log, START_TIMEOUT_S)
     return port, folder / "data" / "state.db"
 
 
@@ -131,12 +134,12 @@ def write_phantom(folder: Path, seed: int, args: argparse.Namespace) -> Path:
     return study.dicom_dir
 
 
-def storescu(tools: rx.Tools, port: int, aet: str, *paths: Path) -> float:
+def storescu(tools: Tools, port: int, aet: str, *paths: Path) -> float:
     """Seconds dcmtk's storescu takes to send ``paths`` (folders recursively), proposing
     the SOP classes of the files (-R: its default list has no SEG)."""
     started = time.perf_counter()
     done = subprocess.run([tools.storescu, "-R", "+sd", "+r", "-aec", aet, "127.0.0.1",
-                           str(port), *map(str, paths)], env=rx.clean_env(True),
+                           str(port), *map(str, paths)], env=clean_env(True),
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"storescu to {aet} failed: {done.stdout}{done.stderr}")
@@ -198,7 +201,7 @@ def stages_of(db: Path, job: dict) -> dict[str, float]:
     return out
 
 
-def one_run(tools: rx.Tools, node_port: int, db: Path, orthanc: Orthanc, study: Path,
+def one_run(tools: Tools, node_port: int, db: Path, orthanc: Orthanc, study: Path,
             results: Path) -> dict[str, float]:
     """Send ``study`` to Orthanc and to the node; the node's stage seconds and the peers'."""
     to_orthanc = storescu(tools, orthanc.dicom_port, "ORTHANC", study)
@@ -254,13 +257,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    tools = rx.find_tools(want_orthanc=True)
+    tools = find_tools(want_orthanc=True)
     if tools.orthanc is None:
         sys.exit("error: Orthanc is needed (apt-get install orthanc)")
-    workdir = Path(tempfile.mkdtemp(prefix="aiworker-e2e-", dir=rx.OUT if rx.OUT.exists()
+    workdir = Path(tempfile.mkdtemp(prefix="aiworker-e2e-", dir=OUT if OUT.exists()
                                     else None))
     print(f"{platform.node()} {platform.processor() or platform.machine()}, "
-          f"revision {rx.git_revision()}, work dir {workdir}", flush=True)
+          f"revision {git_revision()}, work dir {workdir}", flush=True)
     try:
         ris, orthanc = MllpReceiver(), start_orthanc(tools, workdir)
         node_port, db = start_node(tools, workdir, orthanc, ris, args)
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             args.json.write_text(json.dumps(runs, indent=2))
     finally:
-        rx.PROCS.stop_all()
+        PROCS.stop_all()
     shutil.rmtree(workdir, ignore_errors=True)
 
 

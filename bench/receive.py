@@ -22,271 +22,40 @@ Figures are printed, nothing is asserted. ``--quick`` is a smoke test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from common import (
+    MB,
+    OUT,
+    PROCS,
+    SIZE,
+    WARMUP_SLICES,
+    Study,
+    Tools,
+    find_tools,
+    fmt,
+    keep_logs,
+    load_study,
+    machine_lines,
+)
+from targets import Mode, Server, send, settle_count, start_node, start_orthanc, start_storescp
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
-SIZE = 512
-SERIES = ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")  # phantom protocol roles
-START_TIMEOUT_S = 60.0
 RSS_POLL_S = 0.02
-MB = 1e6
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-class Processes:
-    """Every process this script started; :meth:`stop_all` ends whichever are still running."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], env: dict[str, str], log: Path | None = None,
-              cwd: Path | None = None) -> subprocess.Popen:
-        """Start ``argv`` in its own session, output to ``log`` (or discarded)."""
-        out = open(log, "wb") if log else subprocess.DEVNULL
-        try:
-            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        finally:
-            if log:
-                out.close()
-        self.started.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-        """SIGTERM the process group we started, then SIGKILL it after ``grace_s``."""
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-        if proc in self.started:
-            self.started.remove(proc)
-
-    def stop_since(self, mark: int) -> None:
-        """Stop the processes started after ``len(self.started)`` was ``mark``."""
-        for proc in list(self.started[mark:]):
-            self.stop(proc)
-
-    def stop_all(self) -> None:
-        self.stop_since(0)
-
-
-PROCS = Processes()
-
-
-def clean_env(nodelay: bool) -> dict[str, str]:
-    """Our environment without AIWORKER_* overrides, with TCP_NODELAY=1 or without it."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AIWORKER_") and k != "TCP_NODELAY"}
-    if nodelay:
-        env["TCP_NODELAY"] = "1"
-    return env
-
-
-def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Return once 127.0.0.1:port accepts a TCP connection; fail if ``proc`` exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with code {proc.returncode} before listening on "
-                               f"{port}:\n{tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"not listening on port {port} after {timeout_s:.0f} s:\n{tail(log)}")
-
-
-def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Return once ``text`` appears in ``log``; fail if ``proc`` exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with code {proc.returncode}:\n{tail(log)}")
-        time.sleep(0.05)
-    raise RuntimeError(f"{text!r} not in its log after {timeout_s:.0f} s:\n{tail(log)}")
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file, indented, for error messages."""
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return "    (no log)"
-    return "\n".join("    " + line for line in text) or "    (empty log)"
-
-
-# ----------------------------------------------------------------------------- tools
-
-
-@dataclass
-class Tools:
-    """Paths of the external programs the benchmark runs."""
-
-    storescu: str
-    storescp: str
-    orthanc: str | None
-    aiworker: list[str]
-
-
-def find_dcmtk(name: str) -> str | None:
-    """dcmtk's ``name`` on PATH, skipping same-named tools (pynetdicom's apps in the venv)."""
-    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
-    for folder in dirs:
-        exe = Path(folder) / name
-        if not (exe.is_file() and os.access(exe, os.X_OK)):
-            continue
-        try:
-            out = subprocess.run([str(exe), "--version"], capture_output=True, text=True,
-                                 timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if "dcmtk" in out.lower():
-            return str(exe)
-    return None
-
-
-def find_orthanc() -> str | None:
-    """The Orthanc server binary, if installed."""
-    found = shutil.which("Orthanc")
-    if found:
-        return found
-    for path in ("/usr/sbin/Orthanc", "/usr/local/sbin/Orthanc", "/usr/local/bin/Orthanc"):
-        if os.access(path, os.X_OK):
-            return path
-    return None
-
-
-def find_aiworker() -> list[str]:
-    """The ``aiworker`` console script next to this Python, else ``python -m aiworker.cli``."""
-    script = Path(sys.executable).parent / "aiworker"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-m", "aiworker.cli"]
-
-
-def find_tools(want_orthanc: bool) -> Tools:
-    """Locate dcmtk, Orthanc and aiworker; exit with a clear message if dcmtk is missing."""
-    storescu, storescp = find_dcmtk("storescu"), find_dcmtk("storescp")
-    if not (storescu and storescp):
-        sys.exit("error: dcmtk's storescu and storescp are needed (Debian/Ubuntu: "
-                 "apt-get install dcmtk; or make system-deps). Note: the venv's "
-                 "pynetdicom 'storescu' is not dcmtk's and is not used.")
-    orthanc = find_orthanc() if want_orthanc else None
-    if want_orthanc and not orthanc:
-        print("note: Orthanc not found (apt-get install orthanc): skipping the Orthanc "
-              "target; use --skip-orthanc to silence this.", flush=True)
-    return Tools(storescu, storescp, orthanc, find_aiworker())
-
-
-def version_line(argv: list[str]) -> str:
-    """First non-empty line of ``argv``'s output, for the header."""
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()]
-    return lines[0] if lines else "?"
-
-
-# ----------------------------------------------------------------------------- study
-
-
-@dataclass
-class Study:
-    """The cached study on disk: its folder, its files in order, their total size."""
-
-    folder: Path
-    files: list[Path]
-    bytes: int
-
-    def series_files(self, number: int) -> list[Path]:
-        return sorted((self.folder / f"{number:03d}").glob("*.dcm"))
-
-
-WARMUP_SLICES = 4  # per series: 12 instances sent untimed to every target before each run
-
-
-def load_study(slices: int, seed: int = 0) -> Study:
-    """The 3-series 512x512 study with ``slices`` per series, generated once under bench/out."""
-    folder = OUT / (f"knee-3x{slices}-{SIZE}" + (f"-seed{seed}" if seed else ""))
-    marker = folder.with_suffix(".json")  # beside the folder: storescu +sd sends every file
-    if not (marker.exists() and folder.is_dir()):
-        generate_study(folder, marker, slices, seed)
-    meta = json.loads(marker.read_text())
-    files = [folder / name for name in meta["files"]]
-    return Study(folder, files, sum(f.stat().st_size for f in files))
-
-
-def generate_study(folder: Path, marker: Path, slices: int, seed: int) -> None:
-    """Write the study into a scratch folder, move it into place, then write its marker."""
-    sys.path.insert(0, str(ROOT))
-    from aiworker.phantom.protocol import Overrides
-    from aiworker.phantom.study import StudyOptions, write_study
-
-    print(f"generating the study ({3 * slices} instances) in {folder} ...", flush=True)
-    scratch = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    options = StudyOptions(seed=seed, vendor="siemens", descriptions="vendor", rescan=False,
-                           derived=False, images_in_acquisition=True, truth=False,
-                           overrides=Overrides(SERIES, SIZE, slices))
-    study = write_study(scratch, options)
-    names = [str(p.relative_to(study.dicom_dir)) for p in study.files]
-    shutil.rmtree(folder, ignore_errors=True)
-    study.dicom_dir.rename(folder)
-    shutil.rmtree(scratch)
-    marker.write_text(json.dumps({"slices": slices, "files": names}))
 
 
 # ----------------------------------------------------------------------------- targets
-
-
-@dataclass
-class Server:
-    """One running target: its process, port, called AE title and a received-instance count."""
-
-    proc: subprocess.Popen
-    port: int
-    aet: str
-    count: Callable[[], int]
 
 
 @dataclass
@@ -297,93 +66,6 @@ class Target:
     kind: str  # node | storescp | orthanc
     start: Callable[[Path, bool], Server]
     describe: str
-
-
-def start_node(tools: Tools, fsync: bool, processes: int = 1,
-               extra_config: str = "") -> Callable[[Path, bool], Server]:
-    """A starter for ``aiworker serve`` with a config written into the run folder
-    (``extra_config``: more YAML sections, e.g. pipelines and inference)."""
-
-    def start(run_dir: Path, nodelay: bool) -> Server:
-        port, data = free_port(), run_dir / "data"
-        config = run_dir / "aiworker.yaml"
-        config.write_text(
-            f"node: {{host: 127.0.0.1, port: {port}, receive_processes: {processes}}}\n"
-            f"storage: {{data_dir: {json.dumps(str(data))}, min_free_mb: 1, "
-            f"fsync: {str(fsync).lower()}}}\n"
-            "completion: {series_stable_seconds: 5}\n"
-            "logging: {level: WARNING}\nweb: {enabled: false}\n" + extra_config
-        )
-        log = run_dir / "node.log"
-        proc = PROCS.start([*tools.aiworker, "serve", "--config", str(config)],
-                           clean_env(nodelay), log, cwd=ROOT)
-        wait_for_port(port, proc, log, START_TIMEOUT_S)
-        # the port opens with the first receiving process; the banner comes once all listen
-        wait_for_text(log, "aiworker listening as AE", proc, START_TIMEOUT_S)
-        return Server(proc, port, "AIWORKER", lambda: count_files(data / "spool", "*.dcm"))
-
-    return start
-
-
-def start_storescp(tools: Tools) -> Callable[[Path, bool], Server]:
-    """A starter for dcmtk's ``storescp -od DIR PORT`` (single process)."""
-
-    def start(run_dir: Path, nodelay: bool) -> Server:
-        port, data = free_port(), run_dir / "received"
-        data.mkdir()
-        log = run_dir / "storescp.log"
-        proc = PROCS.start([tools.storescp, "-od", str(data), str(port)],
-                           clean_env(nodelay), log)
-        wait_for_port(port, proc, log, START_TIMEOUT_S)
-        return Server(proc, port, "STORESCP", lambda: count_files(data, "*"))
-
-    return start
-
-
-def orthanc_config(run_dir: Path, dicom_port: int, http_port: int) -> dict:
-    """A minimal Orthanc configuration storing into ``run_dir``."""
-    return {
-        "Name": "aiworker-bench",
-        "StorageDirectory": str(run_dir / "storage"),
-        "IndexDirectory": str(run_dir / "index"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomAlwaysAllowStore": True,
-        "DicomCheckCalledAet": False,
-        "Plugins": [],
-        "SaveJobs": False,
-    }
-
-
-def start_orthanc(tools: Tools) -> Callable[[Path, bool], Server]:
-    """A starter for Orthanc with a generated JSON config."""
-
-    def start(run_dir: Path, nodelay: bool) -> Server:
-        dicom_port, http_port = free_port(), free_port()
-        config = run_dir / "orthanc.json"
-        config.write_text(json.dumps(orthanc_config(run_dir, dicom_port, http_port), indent=2))
-        log = run_dir / "orthanc.log"
-        proc = PROCS.start([str(tools.orthanc), str(config)], clean_env(nodelay), log)
-        wait_for_port(dicom_port, proc, log, START_TIMEOUT_S)
-        wait_for_port(http_port, proc, log, START_TIMEOUT_S)
-        return Server(proc, dicom_port, "ORTHANC", lambda: orthanc_instances(http_port))
-
-    return start
-
-
-def count_files(folder: Path, pattern: str) -> int:
-    """How many files matching ``pattern`` lie under ``folder``."""
-    return sum(1 for p in folder.rglob(pattern) if p.is_file()) if folder.exists() else 0
-
-
-def orthanc_instances(http_port: int) -> int:
-    """CountInstances from Orthanc's REST /statistics."""
-    url = f"http://127.0.0.1:{http_port}/statistics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return int(json.load(reply)["CountInstances"])
 
 
 def make_targets(tools: Tools, only: str | None, skip_orthanc: bool) -> list[Target]:
@@ -445,18 +127,6 @@ class RssSampler(threading.Thread):
 
 
 @dataclass
-class Mode:
-    """How the study is sent: which files, in how many storescu processes, Nagle or not."""
-
-    name: str
-    nodelay: bool
-    batches: list[list[Path]]
-    dirs: bool  # True: each batch is one folder sent with +sd +r
-    runs: int
-    note: str
-
-
-@dataclass
 class Run:
     """One timed send."""
 
@@ -492,64 +162,6 @@ class Result:
         """The run whose time is the median (the lower middle for an even count)."""
         ok = sorted((r for r in self.runs if r.seconds is not None), key=lambda r: r.seconds)
         return ok[(len(ok) - 1) // 2] if ok else None
-
-
-def storescu_argv(tools: Tools, server: Server, batch: list[Path], dirs: bool) -> list[str]:
-    """The storescu command for one batch: a folder with +sd +r, or a list of files."""
-    head = [tools.storescu]
-    tail = ["-aec", server.aet, "127.0.0.1", str(server.port)]
-    if dirs:
-        return head + ["+sd", "+r"] + tail + [str(p) for p in batch]
-    return head + tail + [str(p) for p in batch]
-
-
-def send(tools: Tools, server: Server, mode: Mode, run_dir: Path, timeout_s: float) -> float:
-    """Run the mode's storescu processes at once; return the wall time until the last ends."""
-    env = clean_env(mode.nodelay)
-    logs = [run_dir / f"storescu-{i}.log" for i in range(len(mode.batches))]
-    t0 = time.perf_counter()
-    procs = [PROCS.start(storescu_argv(tools, server, batch, mode.dirs), env, log)
-             for batch, log in zip(mode.batches, logs, strict=True)]
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(0.1, timeout_s - (time.perf_counter() - t0)))
-        elapsed = time.perf_counter() - t0
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"timed out after {timeout_s:g} s") from exc
-    finally:
-        for proc in procs:
-            PROCS.stop(proc, grace_s=2.0)
-    failed = [(p, log) for p, log in zip(procs, logs, strict=True) if p.returncode != 0]
-    if failed:
-        proc, log = failed[0]
-        raise RuntimeError(f"{len(failed)} of {len(procs)} storescu failed, the first with "
-                           f"{storescu_exit(proc.returncode)}\n{tail(log)}")
-    return elapsed
-
-
-def storescu_exit(code: int) -> str:
-    """What a non-zero storescu exit code means (dcmtk 3.6.x halts on the first failed store)."""
-    if code < 0:
-        return f"signal {-code}"
-    if code >= 0xA0:
-        return (f"exit code {code}: the receiver answered a C-STORE with failure status "
-                f"0x{code:02X}xx (storescu exits with the status's high byte)")
-    if code == 10:
-        return "exit code 10: a C-STORE failed without a status (network error)"
-    return f"exit code {code}"
-
-
-def settle_count(server: Server, expected: int, wait_s: float = 3.0) -> int:
-    """The target's received-instance count, re-read briefly until it reaches ``expected``."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            count = server.count()
-        except OSError:
-            count = -1
-        if count >= expected or time.monotonic() > deadline:
-            return count
-        time.sleep(0.1)
 
 
 def one_run(tools: Tools, target: Target, mode: Mode, images: int, workdir: Path,
@@ -594,17 +206,6 @@ def timed_send(tools: Tools, target: Target, mode: Mode, images: int, run_dir: P
     rss.append(max(s[1] for s in sampler.samples))
     return Run(seconds, settle_count(server, images + len(warmup.files)) - len(warmup.files),
                rss)
-
-
-def keep_logs(run_dir: Path, label: str) -> Path:
-    """Copy a run's logs and configs to bench/out/failed/<time>-<label>/; return that folder."""
-    slug = "".join(c if c.isalnum() else "-" for c in label.lower())
-    dest = OUT / "failed" / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in run_dir.iterdir():
-        if path.is_file() and path.suffix in (".log", ".yaml", ".json"):
-            shutil.copy2(path, dest / path.name)
-    return dest
 
 
 def run_mode(tools: Tools, targets: list[Target], mode: Mode, study: Study, workdir: Path,
@@ -661,59 +262,6 @@ def make_modes(study: Study, runs: int, nagle_runs: int, concurrency: int) -> li
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def machine_lines(tools: Tools, workdir: Path) -> list[str]:
-    """Command line, machine, tool versions and code revision, for the header."""
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = psutil.virtual_memory().total / 2**30
-    lines = [
-        f"command:  {shlex.join([sys.executable, *sys.argv])}",
-        f"machine:  nproc {nproc}, {cpu}, {mem:.0f} GiB RAM, {platform.platform()}",
-        f"disk:     {workdir} on {filesystem(workdir)}",
-        f"python:   {platform.python_version()}; aiworker {git_revision()}",
-        f"dcmtk:    {version_line([tools.storescu, '--version']).strip('$ ')}",
-    ]
-    if tools.orthanc:
-        lines.append(f"orthanc:  {version_line([tools.orthanc, '--version'])}")
-    return lines
-
-
-def filesystem(path: Path) -> str:
-    """The device and type of the filesystem holding ``path`` (longest mount prefix)."""
-    best = ("?", "?", "")
-    for part in psutil.disk_partitions(all=True):
-        mount = part.mountpoint
-        if str(path).startswith(mount) and len(mount) > len(best[2]):
-            best = (part.device, part.fstype, mount)
-    return f"{best[0]} ({best[1]}, mounted on {best[2]})"
-
-
-def git_revision() -> str:
-    """The repo's commit, flagged when aiworker/ has uncommitted changes."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return out.stdout.strip()
-
-    try:
-        rev = git("rev-parse", "--short", "HEAD") or "?"
-        dirty = git("status", "--porcelain", "--", "aiworker")
-    except OSError:
-        return "(git unavailable)"
-    return f"commit {rev}" + (" + uncommitted changes in aiworker/" if dirty else "")
-
-
-def fmt(value: float | None, spec: str) -> str:
-    """``value`` formatted with ``spec``, or a dash of the same width."""
-    return format("-", ">" + spec.split(".")[0]) if value is None else format(value, spec)
 
 
 def ratio(a: Result, b: Result | None) -> str:

@@ -36,6 +36,9 @@ from aiworker.node import Node  # noqa: E402
 from aiworker.receive import fastpath, scp  # noqa: E402
 from aiworker.receive.dataset import read_header  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from common import OUT, find_dcmtk, free_port  # noqa: E402
+
 VARIANTS = ("stock-noop", "noop", "parse", "write", "full")
 
 
@@ -60,8 +63,8 @@ def measure(variant: str, study: Path, fsync: bool, runs: int) -> float:
         scp.Receiver._on_store = cut_down_handler(variant)
     if variant == "stock-noop":
         fastpath.install = lambda: None
-    data = Path(tempfile.mkdtemp(prefix="breakdown-", dir=ROOT / "bench" / "out"))
-    port = 11000 + os.getpid() % 20000
+    data = Path(tempfile.mkdtemp(prefix="breakdown-", dir=OUT))
+    port, storescu = free_port(), find_dcmtk("storescu") or "storescu"
     os.environ.update(AIWORKER_STORAGE__DATA_DIR=str(data), AIWORKER_NODE__PORT=str(port),
                       AIWORKER_NODE__HOST="127.0.0.1", AIWORKER_STORAGE__MIN_FREE_MB="1",
                       AIWORKER_STORAGE__FSYNC=str(fsync).lower(),
@@ -78,7 +81,7 @@ def measure(variant: str, study: Path, fsync: bool, runs: int) -> float:
             node.spool._known_dirs.clear()
             os.sync()
             started = time.perf_counter()
-            subprocess.run(["storescu", "+sd", "+r", "-aec", "AIWORKER", "127.0.0.1",
+            subprocess.run([storescu, "+sd", "+r", "-aec", "AIWORKER", "127.0.0.1",
                             str(port), str(study)], check=True, stdout=subprocess.DEVNULL,
                            env=dict(os.environ, TCP_NODELAY="1"))
             rates.append(images / (time.perf_counter() - started))
@@ -94,7 +97,7 @@ def main() -> None:
                         help="one variant (each runs in its own process); default: all")
     parser.add_argument("--fsync", action="store_true", help="storage.fsync on")
     parser.add_argument("--runs", type=int, default=4)
-    parser.add_argument("--study", type=Path, default=ROOT / "bench" / "out" / "knee-3x170-512")
+    parser.add_argument("--study", type=Path, default=OUT / "knee-3x170-512")
     args = parser.parse_args()
     if not args.study.is_dir():
         sys.exit(f"no study at {args.study}: run bench/receive.py once to generate it")

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Receive throughput during inference: the node's images/s idle and while a model runs.
 
-Uses the machinery of ``bench/receive.py``: the same cached study (3 series of 512x512,
-``--slices`` per series, default 170 = 510 instances), sent by one dcmtk ``storescu`` with
-``TCP_NODELAY=1`` over loopback to ``aiworker serve`` started fresh in an empty folder and
-warmed up with 12 other instances, every run. Runs alternate idle / during inference, for
-each ``--fsync`` setting, ``--runs`` of each (default 3); the medians and their ratio
-(the issue's target: >= 0.80) are printed, then one JSON line.
+Uses the receive benchmark's parts (``bench/common.py``, ``bench/targets.py``): the same
+cached study (3 series of 512x512, ``--slices`` per series, default 170 = 510 instances),
+sent by one dcmtk ``storescu`` with ``TCP_NODELAY=1`` over loopback to ``aiworker serve``
+started fresh in an empty folder and warmed up with 12 other instances, every run. Runs
+alternate idle / during inference, for each ``--fsync`` setting, ``--runs`` of each (default
+3); the medians and their ratio (the issue's target: >= 0.80) are printed, then one JSON
+line.
 
 Two loads (``--load``):
 
@@ -42,11 +43,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-import receive as rx  # noqa: E402
+from common import (
+    MB,
+    OUT,
+    PROCS,
+    ROOT,
+    WARMUP_SLICES,
+    Study,
+    Tools,
+    clean_env,
+    find_tools,
+    fmt,
+    git_revision,
+    keep_logs,
+    load_study,
+    machine_lines,
+    tail,
+    wait_for_text,
+)
+from targets import Mode, Server, send, settle_count, start_node
 
 TARGET = 0.80
 LOAD_START_TIMEOUT_S = 600.0
@@ -106,8 +121,8 @@ class EngineLoad:
         if args.models_dir:
             argv += ["--models-dir", str(args.models_dir)]
         self.log = workdir / "load.log"
-        self.proc = rx.PROCS.start(argv, rx.clean_env(False), self.log, cwd=rx.ROOT)
-        rx.wait_for_text(self.log, "ready:", self.proc, LOAD_START_TIMEOUT_S)
+        self.proc = PROCS.start(argv, clean_env(False), self.log, cwd=ROOT)
+        wait_for_text(self.log, "ready:", self.proc, LOAD_START_TIMEOUT_S)
         self.ps = psutil.Process(self.proc.pid)
         self.describe = (f"a separate process: Engine on bench/infer.py's series in a loop, "
                          f"nice {args.nice}, {args.threads} torch threads "
@@ -122,11 +137,11 @@ class EngineLoad:
         """Resume (busy) or pause (idle) the load's process group."""
         os.killpg(self.proc.pid, signal.SIGCONT if busy else signal.SIGSTOP)
 
-    def prepare(self, server: rx.Server, run_dir: Path, busy: bool, tools: rx.Tools,
+    def prepare(self, server: Server, run_dir: Path, busy: bool, tools: Tools,
                 timeout_s: float) -> None:
         """Nothing to do once the node runs: the load was paused or resumed before."""
 
-    def processes(self, server: rx.Server) -> list[psutil.Process]:
+    def processes(self, server: Server) -> list[psutil.Process]:
         return [self.ps]
 
     def after_send(self, run_dir: Path, busy: bool) -> str:
@@ -138,7 +153,7 @@ class EngineLoad:
 
     def close(self) -> None:
         self.set_busy(True)  # a stopped process does not act on SIGTERM
-        rx.PROCS.stop(self.proc)
+        PROCS.stop(self.proc)
 
 
 # ----------------------------------------------------------------------------- worker load
@@ -151,7 +166,7 @@ class WorkerLoad:
         import infer
 
         self.studies = workdir / "trigger-studies"
-        subprocess.run(infer.phantom_argv(self.studies, TRIGGER_STUDIES), cwd=rx.ROOT,
+        subprocess.run(infer.phantom_argv(self.studies, TRIGGER_STUDIES), cwd=ROOT,
                        check=True, stdout=subprocess.DEVNULL)
         from aiworker.config import Inference
         from aiworker.infer.process import default_threads
@@ -161,7 +176,7 @@ class WorkerLoad:
         inference = {"nice": args.nice, "threads": args.threads}
         if args.models_dir:
             inference["models_dir"] = str(args.models_dir)
-        pipeline = {"name": "knee", "rules": str(rx.ROOT / "config/rules/knee.yaml"),
+        pipeline = {"name": "knee", "rules": str(ROOT / "config/rules/knee.yaml"),
                     "model": args.model, "outputs": [], "send_to": []}
         self.node_config = (f"pipelines: [{json.dumps(pipeline)}]\n"
                             f"inference: {json.dumps(inference)}\n")
@@ -174,13 +189,13 @@ class WorkerLoad:
     def set_busy(self, busy: bool) -> None:
         """Nothing: the worker is idle until the node is sent studies it selects."""
 
-    def prepare(self, server: rx.Server, run_dir: Path, busy: bool, tools: rx.Tools,
+    def prepare(self, server: Server, run_dir: Path, busy: bool, tools: Tools,
                 timeout_s: float) -> None:
         """For a busy run: send the trigger studies and return once the 2nd job runs."""
         if not busy:
             return
         cases = sorted(self.studies.glob("case-*"))
-        rx.send(tools, server, rx.Mode("trigger", True, [cases], True, 1, ""), run_dir,
+        send(tools, server, Mode("trigger", True, [cases], True, 1, ""), run_dir,
                 timeout_s)
         db = run_dir / "data" / "state.db"
         deadline = time.monotonic() + LOAD_START_TIMEOUT_S
@@ -189,12 +204,12 @@ class WorkerLoad:
             if states.count("done") >= 1 and "running" in states:
                 return
             if "failed" in states or server.proc.poll() is not None:
-                raise RuntimeError(f"jobs {states}; node log:\n{rx.tail(run_dir / 'node.log')}")
+                raise RuntimeError(f"jobs {states}; node log:\n{tail(run_dir / 'node.log')}")
             time.sleep(POLL_S)
         raise RuntimeError(f"the 2nd job did not start within {LOAD_START_TIMEOUT_S:g} s "
                            f"(jobs: {job_states(db)})")
 
-    def processes(self, server: rx.Server) -> list[psutil.Process]:
+    def processes(self, server: Server) -> list[psutil.Process]:
         """The node's children: the inference process (and multiprocessing's helper)."""
         return psutil.Process(server.proc.pid).children(recursive=True)
 
@@ -265,45 +280,45 @@ class Series:
         return f"fsync {'on' if self.fsync else 'off'}, {'inference' if self.busy else 'idle'}"
 
 
-def measure(tools: rx.Tools, load: EngineLoad | WorkerLoad, series: Series, study: rx.Study,
-            warmup: rx.Study, workdir: Path, timeout_s: float) -> tuple[Sample, str]:
+def measure(tools: Tools, load: EngineLoad | WorkerLoad, series: Series, study: Study,
+            warmup: Study, workdir: Path, timeout_s: float) -> tuple[Sample, str]:
     """Start the node fresh, warm it up, make the load busy or idle, send the study; the
     sample and a note for the progress line."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    mark = len(rx.PROCS.started)
+    mark = len(PROCS.started)
     os.sync()
     load.set_busy(series.busy)
     note = ""
     try:
-        server = rx.start_node(tools, series.fsync, extra_config=load.node_config)(run_dir,
+        server = start_node(tools, series.fsync, extra_config=load.node_config)(run_dir,
                                                                                     True)
-        rx.send(tools, server, rx.Mode("warm-up", True, [[warmup.folder]], True, 1, ""),
+        send(tools, server, Mode("warm-up", True, [[warmup.folder]], True, 1, ""),
                 run_dir, timeout_s)
         load.prepare(server, run_dir, series.busy, tools, timeout_s)
         node, others = [psutil.Process(server.proc.pid)], load.processes(server)
         node0, load0 = tree_cpu(node), tree_cpu(others)
-        seconds = rx.send(tools, server, rx.Mode("timed", True, [[study.folder]], True, 1, ""),
+        seconds = send(tools, server, Mode("timed", True, [[study.folder]], True, 1, ""),
                           run_dir, timeout_s)
         sample = Sample(seconds, (tree_cpu(node) - node0) / seconds,
                         (tree_cpu(others) - load0) / seconds)
         note = load.after_send(run_dir, series.busy)
         before = len(warmup.files) + load.extra_images(series.busy)
-        received = rx.settle_count(server, series.images + before) - before
+        received = settle_count(server, series.images + before) - before
         if received != series.images:
             sample = Sample(None, error=f"{received} of {series.images} received")
     except RuntimeError as exc:
         sample = Sample(None, error=str(exc))
     finally:
-        rx.PROCS.stop_since(mark)
+        PROCS.stop_since(mark)
         load.set_busy(False)
     if sample.seconds is None:
-        note = f"logs kept in {rx.keep_logs(run_dir, series.name)}"
+        note = f"logs kept in {keep_logs(run_dir, series.name)}"
     shutil.rmtree(run_dir, ignore_errors=True)
     return sample, note
 
 
-def run_all(args: argparse.Namespace, tools: rx.Tools, load: EngineLoad | WorkerLoad,
-            study: rx.Study, warmup: rx.Study, workdir: Path) -> list[Series]:
+def run_all(args: argparse.Namespace, tools: Tools, load: EngineLoad | WorkerLoad,
+            study: Study, warmup: Study, workdir: Path) -> list[Series]:
     """Idle and busy runs, alternating, for each fsync setting; progress printed."""
     results = []
     for fsync in args.fsync:
@@ -349,10 +364,10 @@ def report(results: list[Series]) -> dict:
                 mark = f"{ratio:9.2f}  {'>=' if ratio >= TARGET else '<'} {TARGET:.2f}"
             print(f"{'fsync ' + ('on' if series.fsync else 'off'):<10} "
                   f"{'inference' if series.busy else 'idle':<10} {len(times):>4} "
-                  f"{rx.fmt(statistics.median(times) if times else None, '9.3f')} "
-                  f"{rx.fmt(series.images_per_s(), '9.1f')} "
-                  f"{rx.fmt(series.median_of('node_cores'), '10.2f')} "
-                  f"{rx.fmt(series.median_of('load_cores'), '10.2f')} {mark}")
+                  f"{fmt(statistics.median(times) if times else None, '9.3f')} "
+                  f"{fmt(series.images_per_s(), '9.1f')} "
+                  f"{fmt(series.median_of('node_cores'), '10.2f')} "
+                  f"{fmt(series.median_of('load_cores'), '10.2f')} {mark}")
         summary[f"fsync_{'on' if idle.fsync else 'off'}"] = {
             "idle_images_per_s": rounded(idle.images_per_s(), 1),
             "busy_images_per_s": rounded(busy.images_per_s(), 1),
@@ -392,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the load's torch threads (worker: inference.threads, default "
                              "the node's; engine: default 2)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per send")
-    parser.add_argument("--workdir", type=Path, default=rx.OUT,
+    parser.add_argument("--workdir", type=Path, default=OUT,
                         help="where run folders are made (default bench/out)")
     parser.add_argument("--out-json", type=Path, default=None,
                         help="also write the JSON result to this file")
@@ -413,16 +428,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_benchmark(args: argparse.Namespace) -> None:
     """Everything between parsing the arguments and stopping the processes."""
-    tools = rx.find_tools(want_orthanc=False)
+    tools = find_tools(want_orthanc=False)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for line in rx.machine_lines(tools, args.workdir.resolve()):
+    for line in machine_lines(tools, args.workdir.resolve()):
         print(line)
-    study = rx.load_study(args.slices)
-    warmup = rx.load_study(rx.WARMUP_SLICES, seed=1)
+    study = load_study(args.slices)
+    warmup = load_study(WARMUP_SLICES, seed=1)
     workdir = Path(tempfile.mkdtemp(prefix="receive-infer-", dir=args.workdir))
     try:
         load = (WorkerLoad if args.load == "worker" else EngineLoad)(args, workdir)
-        print(f"study:    {len(study.files)} instances, {study.bytes / rx.MB:.1f} MB, sent "
+        print(f"study:    {len(study.files)} instances, {study.bytes / MB:.1f} MB, sent "
               "with storescu +sd +r, TCP_NODELAY=1, to aiworker serve (fresh per run)")
         print(f"load:     {load.describe}")
         try:
@@ -434,7 +449,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     summary = {"bench": "receive_during_inference", "load": args.load,
                "images": len(study.files), "model": args.model, "load_nice": args.nice,
                "load_threads": args.threads, "target_ratio": TARGET,
-               "aiworker": rx.git_revision(), **report(results)}
+               "aiworker": git_revision(), **report(results)}
     if args.out_json:
         args.out_json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
@@ -453,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        rx.PROCS.stop_all()
+        PROCS.stop_all()
     print(f"\ntotal benchmark time: {time.perf_counter() - started:.0f} s")
 
 

@@ -41,7 +41,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soak_invariants as inv  # noqa: E402
-from soak_peers import MARK, Disk, Modality, Node, Pacs, Ris, free_port  # noqa: E402
+from common import find_dcmtk, free_port  # noqa: E402
+from soak_peers import MARK, Disk, Modality, Node, Pacs, Ris  # noqa: E402
 
 from aiworker.dispatch.mllp import control_id  # noqa: E402
 
@@ -349,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("storescp") is None:
+    if find_dcmtk("storescp") is None:
         sys.exit("error: dcmtk's storescp is needed (apt-get install dcmtk)")
     workdir = Path(tempfile.mkdtemp(prefix="aiworker-soak-"))
     print(f"work folder {workdir}", flush=True)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,38 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from common import ROOT, START_TIMEOUT_S, find_dcmtk, free_port, wait_for_port
 from pynetdicom import AE
 
 from aiworker.dispatch.mllp import MllpReceiver, control_id
 
-ROOT = Path(__file__).resolve().parents[1]
 AIWORKER = str(Path(sys.executable).parent / "aiworker")
-START_TIMEOUT_S = 60.0
 MARK = "AIWORKER_SOAK_RUN"  # in the node's environment, so its children carry it too
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not port_open(port):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 class Pacs:
@@ -63,12 +37,13 @@ class Pacs:
 
     def start(self) -> None:
         env = dict(os.environ, TCP_NODELAY="1")
-        with open(self.folder.parent / "pacs.log", "ab") as log:
+        log_path = self.folder.parent / "pacs.log"
+        with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                ["storescp", "-aet", "PACS", "-od", str(self.folder), "+uf",
-                 "--acse-timeout", "5", "--dimse-timeout", "10", str(self.port)],
+                [find_dcmtk("storescp") or "storescp", "-aet", "PACS", "-od", str(self.folder),
+                 "+uf", "--acse-timeout", "5", "--dimse-timeout", "10", str(self.port)],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc, "storescp", START_TIMEOUT_S)
+        wait_for_port(self.port, self.proc, log_path, START_TIMEOUT_S)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -170,7 +145,7 @@ class Node:
             self.proc = subprocess.Popen([AIWORKER, "serve", "--config", str(self.config_path)],
                                          cwd=ROOT, env=self.env(), stdout=log,
                                          stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc, "aiworker serve", START_TIMEOUT_S)
+        wait_for_port(self.port, self.proc, self.log_path, START_TIMEOUT_S)
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

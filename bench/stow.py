@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,14 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+from common import OUT, ROOT, START_TIMEOUT_S, find_dcmtk, free_port, wait_for_port
 from dicomweb_client.api import DICOMwebClient
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
 TOKEN = "bench-stow-token-0123456789"
 BOUNDARY = "aiworker-bench-boundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
-START_TIMEOUT_S = 60.0
 
 
 def series(images: int) -> list[Path]:
@@ -58,25 +55,6 @@ def series(images: int) -> list[Path]:
         seed=7, vendor="siemens", rescan=False, derived=False, truth=False,
         volume_spacing=2.0, overrides=Overrides(("sag_pd_fs",), 512, images)))
     return sorted(study.files)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"aiworker serve exited:\n{log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"port {port} did not open:\n{log.read_text()[-2000:]}")
 
 
 class Node:
@@ -99,8 +77,12 @@ class Node:
             self.proc = subprocess.Popen(
                 [str(Path(sys.executable).parent / "aiworker"), "serve", "--config",
                  str(config)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        wait_for_port(self.dicom_port, self.proc, self.log)
-        wait_for_port(self.web_port, self.proc, self.log)
+        try:
+            wait_for_port(self.dicom_port, self.proc, self.log, START_TIMEOUT_S)
+            wait_for_port(self.web_port, self.proc, self.log, START_TIMEOUT_S)
+        except RuntimeError as exc:
+            self.stop()
+            sys.exit(f"aiworker serve {exc}")
 
     def stored(self) -> int:
         return sum(1 for _ in self.spool.rglob("*.dcm")) if self.spool.exists() else 0
@@ -139,9 +121,9 @@ def stow(node: Node, prepared: list[bytes], threads: int = 1) -> None:
         list(pool.map(send, [prepared[i::threads] for i in range(threads)]))
 
 
-def storescu(node: Node, folder: Path) -> None:
+def storescu(exe: str, node: Node, folder: Path) -> None:
     env = dict(os.environ, TCP_NODELAY="1")
-    done = subprocess.run(["storescu", "+sd", "+r", "-aec", "AIWORKER", "127.0.0.1",
+    done = subprocess.run([exe, "+sd", "+r", "-aec", "AIWORKER", "127.0.0.1",
                            str(node.dicom_port), str(folder)], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -174,14 +156,15 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    if shutil.which("storescu") is None:
+    exe = find_dcmtk("storescu")
+    if exe is None:
         sys.exit("dcmtk's storescu is needed: apt-get install dcmtk")
     files = series(args.images)
     size_mb = sum(p.stat().st_size for p in files) / 1e6
     one, batched = bodies(files, 1), bodies(files, args.per_request)
     n = args.per_request
     modes = {
-        "C-STORE storescu": lambda node: storescu(node, files[0].parent),
+        "C-STORE storescu": lambda node: storescu(exe, node, files[0].parent),
         "STOW-RS 1/request": lambda node: stow(node, one),
         f"STOW-RS {n}/request": lambda node: stow(node, batched),
         f"STOW-RS {n}/request x4": lambda node: stow(node, batched, threads=4),
