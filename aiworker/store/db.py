@@ -117,10 +117,10 @@ class StateDB(SelectionTable, JobTable):
             reopened = before is not None and before["state"] == COMPLETE
             if before is None:
                 write_event(cur, "series_started", rec.study_uid, rec.series_uid, rec.sop_uid,
-                       calling_ae=rec.calling_ae, modality=rec.modality)
+                            calling_ae=rec.calling_ae, modality=rec.modality)
             if reopened:
                 write_event(cur, "late_arrival", rec.study_uid, rec.series_uid, rec.sop_uid,
-                       calling_ae=rec.calling_ae)
+                            calling_ae=rec.calling_ae)
             completed = expected is not None and frames >= expected
             if completed:
                 _complete_series(cur, rec.series_uid, rec.study_uid, rec.received_at,

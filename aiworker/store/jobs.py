@@ -112,7 +112,7 @@ class JobTable:
             ).fetchone()
             if row is not None:
                 write_event(cur, "job_started", row["study_uid"], row["series_uid"], None,
-                       job_id=row["job_id"], model=row["model"], attempt=row["attempts"])
+                            job_id=row["job_id"], model=row["model"], attempt=row["attempts"])
         return None if row is None else job_row(row)
 
     def finish_job(self, job_id: str, findings: dict[str, Any], timings: dict[str, float],
@@ -129,7 +129,7 @@ class JobTable:
             ).fetchone()
             if row is not None:
                 write_event(cur, "job_done", row["study_uid"], row["series_uid"], None,
-                       job_id=job_id, model=row["model"], device=device, timings=timings)
+                            job_id=job_id, model=row["model"], device=device, timings=timings)
         return row is not None
 
     def fail_job(self, job_id: str, error: str, kind: str, timings: dict[str, float],
@@ -149,8 +149,8 @@ class JobTable:
             ).fetchone()
             if row is not None:
                 write_event(cur, "job_failed", row["study_uid"], row["series_uid"], None,
-                       job_id=job_id, model=row["model"], error_kind=kind,
-                       reason=f"{kind} error: {error}")
+                            job_id=job_id, model=row["model"], error_kind=kind,
+                            reason=f"{kind} error: {error}")
         return row is not None
 
     def failed_job_ids(self, kind: str, error_prefix: str) -> list[str]:
@@ -172,7 +172,7 @@ class JobTable:
             ).fetchall()
             for row in rows:
                 write_event(cur, "job_requeued", row["study_uid"], row["series_uid"], None,
-                       job_id=row["job_id"], model=row["model"], reason=reason)
+                            job_id=row["job_id"], model=row["model"], reason=reason)
         return [row["job_id"] for row in rows]
 
     def find_job(self, ref: str) -> dict[str, Any]:
@@ -202,8 +202,8 @@ class JobTable:
                 " error_kind = NULL, findings = NULL, device = NULL, result_dir = NULL"
                 " WHERE job_id = ?", (QUEUED, now, job["job_id"]))
             write_event(cur, "job_retried", job["study_uid"], job["series_uid"], None,
-                   job_id=job["job_id"], model=job["model"], error_kind=job["error_kind"],
-                   error=job["error"], attempts=job["attempts"])
+                        job_id=job["job_id"], model=job["model"], error_kind=job["error_kind"],
+                        error=job["error"], attempts=job["attempts"])
         return job
 
 

@@ -93,11 +93,11 @@ class SelectionTable:
             ).fetchall()]
             if job:
                 write_event(cur, "selected", study_uid, job.series_uid, None, pipeline=pipeline,
-                       job_id=job_id, job_created=created, chosen=job.inputs,
-                       superseded=superseded)
+                            job_id=job_id, job_created=created, chosen=job.inputs,
+                            superseded=superseded)
             else:
                 write_event(cur, "not_selected", study_uid, None, None, pipeline=pipeline,
-                       reason=explanation.get("reason"), superseded=superseded)
+                            reason=explanation.get("reason"), superseded=superseded)
         return SelectionRecord(job_id, created, superseded)
 
     def selections(self, study_uid: str | None = None) -> list[dict[str, Any]]:
