@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -324,3 +325,13 @@ def git_revision() -> str:
 def fmt(value: float | None, spec: str) -> str:
     """``value`` formatted with ``spec``, or a dash of the same width."""
     return format("-", ">" + spec.split(".")[0]) if value is None else format(value, spec)
+
+
+def rows(db: Path, query: str, params: tuple = ()) -> list[dict]:
+    """One read of a node's state DB, opened read-only so a running node is not held up."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(query, params)]
+    finally:
+        conn.close()

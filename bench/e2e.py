@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from common import (
     find_tools,
     free_port,
     git_revision,
+    rows,
     wait_for_port,
 )
 from targets import launch_orthanc
@@ -144,15 +144,6 @@ def storescu(tools: Tools, port: int, aet: str, *paths: Path) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"storescu to {aet} failed: {done.stdout}{done.stderr}")
     return time.perf_counter() - started
-
-
-def rows(db: Path, query: str, params: tuple = ()) -> list[dict]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(query, params)]
-    finally:
-        conn.close()
 
 
 def study_uid_of(folder: Path) -> str:

@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soak_invariants as inv  # noqa: E402
-from common import find_dcmtk, free_port  # noqa: E402
+from common import find_dcmtk, free_port, rows  # noqa: E402
 from soak_peers import MARK, Disk, Modality, Node, Pacs, Ris  # noqa: E402
 
 from aiworker.dispatch.mllp import control_id  # noqa: E402
@@ -147,15 +147,6 @@ class Chaos:
             self.start_failures.append(why)
             self.say(f"node start failed: {why}")
             time.sleep(1)
-
-
-def rows(db: Path, query: str, params: tuple = ()) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(query, params)]
-    finally:
-        conn.close()
 
 
 QUIET = ("SELECT (SELECT COUNT(*) FROM studies WHERE state <> 'complete')"
