@@ -150,16 +150,17 @@ def test_failed_jobs_show_their_whole_error(db, written, tmp_path):
 
 
 def test_header_warnings_are_shown_on_the_job_without_the_value(db, tmp_path):
-    """The warnings the results stage wrote for a Philips-style header (PatientSex 0000)
-    are on the job in the API (status --json's shape) and on the study page, naming the
-    attribute, never the value."""
+    """The warnings the results stage wrote for a Philips-style header (PatientSex 0000),
+    recorded on the job as the infer stage does (read from its folder once, at the end),
+    are in the API (status --json's shape) and on the study page, naming the attribute,
+    never the value."""
     source = Dataset()
     source.PatientName, source.PatientSex, source.StudyDate = "DOE^JANE", "0000", "2024-01-05"
-    warnings = read_patient_study(source).warning_dicts()
-    folder = tmp_path / "results" / "job"
-    folder.mkdir(parents=True)
-    ResultFolder(folder).warnings.write_text(json.dumps(warnings))
-    processed_study(db, UID_A, T0, result_dir=str(folder))
+    folder = ResultFolder(tmp_path / "results" / "job")
+    folder.path.mkdir(parents=True)
+    folder.warnings.write_text(json.dumps(read_patient_study(source).warning_dicts()))
+    processed_study(db, UID_A, T0, result_dir=str(folder.path),
+                    warnings=folder.header_warnings())
     with serving(db, web_config(tmp_path)) as http:
         [job] = _study(http, UID_A)["selection"]["knee"]["jobs"]
         assert {w["attribute"] for w in job["warnings"]} == {"PatientSex", "StudyDate"}

@@ -479,6 +479,7 @@ def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registr
         [FINDINGS_FILE, LABELS_FILE, SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE, PREVIEW_FILE,
          SC_FILE, WARNINGS_FILE])
     assert json.loads((folder / WARNINGS_FILE).read_text()) == []  # the phantom is clean
+    assert done["warnings"] == []  # recorded on the job from that file
     assert (folder / HL7_FILE).read_bytes().decode().split("|")[2] == "KNEEAI"
     assert pydicom.dcmread(folder / SC_FILE).SOPInstanceUID == result_uid(
         load_series(paths).series_uid, "tiny@1.0.0", "sc", "sop")

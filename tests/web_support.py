@@ -189,10 +189,12 @@ class Written:
 
 
 def processed_study(db: StateDB, study: str, at: float, accession: str = "ACC1",
-                    error: str | None = None, result_dir: str = "") -> Written:
+                    error: str | None = None, result_dir: str = "",
+                    warnings: list[dict[str, Any]] | None = None) -> Written:
     """Receive two instances at ``at``, complete, select (knee), run the job (done, or
     failed with ``error``); a done job gets a SEG and an SR for ``pacs`` and an ORU for
-    ``ris``, all pending. ``result_dir`` is the done job's result folder."""
+    ``ris``, all pending. ``result_dir`` is the done job's result folder, ``warnings``
+    its header warnings."""
     series = study + ".1"
     for i in range(2):
         db.record_instance(instance(study, series, f"{series}.{i}", at + i, accession))
@@ -206,7 +208,7 @@ def processed_study(db: StateDB, study: str, at: float, accession: str = "ACC1",
     if error is not None:
         db.fail_job(chosen.job_id, error, "model", {})
         return Written(study, chosen.job_id, {})
-    db.finish_job(chosen.job_id, {}, {"total": 1.0}, "cpu", result_dir)
+    db.finish_job(chosen.job_id, {}, {"total": 1.0}, "cpu", result_dir, warnings)
     outbox = Outbox(db)
     ids = outbox.add(chosen.job_id, study, [
         NewObject("pacs", "dicom", "seg", f"/r/{study}/seg.dcm", study + ".9.1"),

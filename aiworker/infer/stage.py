@@ -35,6 +35,7 @@ from aiworker.polling import PollingStage
 from aiworker.select.decide import Pipeline
 from aiworker.store.db import StateDB
 from aiworker.store.disk import free_mb
+from aiworker.store.layout import ResultFolder
 
 log = logging.getLogger("aiworker.infer")
 
@@ -160,8 +161,10 @@ class InferenceWorker(PollingStage):
             return
         timings = reply.timings
         if reply.failure is None:
+            warnings = ResultFolder(Path(reply.result_dir)).header_warnings() \
+                if reply.result_dir else []
             self.db.finish_job(job["job_id"], reply.findings or {}, timings,
-                               reply.device or "", reply.result_dir or "")
+                               reply.device or "", reply.result_dir or "", warnings)
             log.info("job %s done: model %s on %s, %s", job["job_id"], name, reply.device,
                      _show_timings(timings), extra=_log_ids(job, timings))
         else:

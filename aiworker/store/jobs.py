@@ -116,16 +116,19 @@ class JobTable:
         return None if row is None else job_row(row)
 
     def finish_job(self, job_id: str, findings: dict[str, Any], timings: dict[str, float],
-                   device: str, result_dir: str) -> bool:
-        """A running job is ``done``; False when it was not running (nothing changes)."""
+                   device: str, result_dir: str,
+                   warnings: list[dict[str, Any]] | None = None) -> bool:
+        """A running job is ``done``, with the header ``warnings`` its result objects
+        recorded; False when it was not running (nothing changes)."""
         now = time.time()
         with self._transaction() as cur:
             row = cur.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, findings = ?,"
-                " timings = ?, device = ?, result_dir = ?, error = NULL, error_kind = NULL"
+                " timings = ?, device = ?, result_dir = ?, warnings = ?, error = NULL,"
+                " error_kind = NULL"
                 " WHERE job_id = ? AND state = ? RETURNING study_uid, series_uid, model",
                 (DONE, now, now, json.dumps(findings), json.dumps(timings), device, result_dir,
-                 job_id, RUNNING),
+                 json.dumps(warnings or []), job_id, RUNNING),
             ).fetchone()
             if row is not None:
                 write_event(cur, "job_done", row["study_uid"], row["series_uid"], None,
@@ -213,6 +216,7 @@ def job_row(row: sqlite3.Row) -> dict[str, Any]:
     job["inputs"] = json.loads(job["inputs"])
     for column in ("timings", "findings"):
         job[column] = json.loads(job[column]) if job.get(column) else None
+    job["warnings"] = json.loads(job["warnings"]) if job.get("warnings") else []
     return job
 
 

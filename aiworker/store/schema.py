@@ -88,7 +88,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error       TEXT,
     error_kind  TEXT,
     result_dir  TEXT,
-    dispatched_at REAL
+    dispatched_at REAL,
+    warnings    TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -100,5 +101,5 @@ ADDED_COLUMNS = {
     "jobs": {"started_at": "REAL", "finished_at": "REAL",
              "attempts": "INTEGER NOT NULL DEFAULT 0", "device": "TEXT", "timings": "TEXT",
              "findings": "TEXT", "error": "TEXT", "error_kind": "TEXT", "result_dir": "TEXT",
-             "dispatched_at": "REAL"},
+             "dispatched_at": "REAL", "warnings": "TEXT"},
 }

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from aiworker.store.db import StateDB
 from aiworker.store.events import PROBLEM_EVENTS
-from aiworker.store.layout import ResultFolder
 from aiworker.store.outbox import DEAD, SENT, Outbox, OutboxRow
 
 # How far a study got, in flow order; "failed" and "not_selected" end a study's flow early.
@@ -155,13 +153,7 @@ def job_json(job: dict[str, Any]) -> dict[str, Any]:
             "started_at": when(job["started_at"]), "finished_at": when(job["finished_at"]),
             "attempts": job["attempts"], "device": job["device"], "timings": job["timings"],
             "findings": job["findings"], "error_kind": job["error_kind"], "error": job["error"],
-            "result_dir": job["result_dir"], "warnings": _header_warnings(job)}
-
-
-def _header_warnings(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """The source header values the job's result objects do not carry as they were
-    (attribute, problem, action, text; never the value), from its result folder."""
-    return ResultFolder(Path(job["result_dir"])).header_warnings() if job["result_dir"] else []
+            "result_dir": job["result_dir"], "warnings": job["warnings"]}
 
 
 # --- how far a study got --------------------------------------------------------------
