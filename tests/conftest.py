@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pg_cluster import PgCluster, PgClusterError
 from support import (
     DCMTK_MISSING,
     HAVE_DCMTK,
@@ -73,6 +74,27 @@ def make_study(tmp_path: Path) -> Callable[..., Study]:
                      patient_name=patient_name)
 
     return make
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster for the whole session (tests/pg_cluster.py), stopped at
+    the end; the tests using it skip, with the reason, when none can be started here."""
+    try:
+        cluster = PgCluster().start()
+    except PgClusterError as exc:
+        pytest.skip(f"no PostgreSQL test cluster: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """The URL of a fresh, empty database on the session's cluster, one per test."""
+    return pg_cluster.new_database()
 
 
 # --- the node ----------------------------------------------------------------------------
