@@ -23,6 +23,13 @@ Peers measured in the same run: dcmtk ``storescu`` sending the same study to Ort
 to the node (receive), and dcmtk ``storescu`` sending the node's SEG and SR files to
 Orthanc (the send stage done by dcmtk, process start included). Figures are printed,
 nothing is asserted. ``--device cuda`` runs the model on a GPU.
+
+Every study sent is one knee-demo's quality gate accepts: ``--slices`` must lie in the
+gate's slice range, and phantom seeds whose drawn slice spacing, coverage or pixel spacing
+the gate would refuse are skipped (checked on the study's plan, before anything is rendered).
+A study whose job fails, whose result the gate finds not assessable, for which selection
+makes no job, or whose results are not delivered within ``--timeout`` seconds stops the
+benchmark with a message saying which.
 """
 
 from __future__ import annotations
@@ -57,12 +64,17 @@ from common import (
 from targets import launch_orthanc
 
 from aiworker.dispatch.mllp import MllpReceiver  # the stand-in RIS: answers AA
+from aiworker.infer import gate
+from aiworker.infer.registry import Registry
+from aiworker.phantom.protocol import Overrides
+from aiworker.store.layout import ResultFolder
 
 ROLES = ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")
 STAGES = ("select", "queue", "load", "infer", "labels", "seg", "sr", "report", "preview",
           "other", "send")
 INFER_STEPS = ("preprocess", "model", "postprocess", "resample")
-RESULT_TIMEOUT_S = 600.0
+MODEL = "knee-demo"
+FIRST_SEED, MAX_SEEDS = 900, 200  # phantom seeds tried for studies the gate accepts
 
 
 @dataclass
@@ -123,15 +135,57 @@ def start_node(tools: Tools, folder: Path, orthanc: Orthanc, ris: MllpReceiver,
     return port, folder / "data" / "state.db"
 
 
-def write_phantom(folder: Path, seed: int, args: argparse.Namespace) -> Path:
-    """A phantom knee study (torn ACL) of the three series; its DICOM folder."""
-    from aiworker.phantom.protocol import Overrides
-    from aiworker.phantom.study import StudyOptions, write_study
+def study_options(seed: int, args: argparse.Namespace):
+    """The phantom knee study (torn ACL) of the three series for ``seed``."""
+    from aiworker.phantom.study import StudyOptions
 
-    study = write_study(folder, StudyOptions(
-        seed=seed, acl="torn", rescan=False, derived=False, truth=False,
-        overrides=Overrides(ROLES, args.matrix, args.slices)))
-    return study.dicom_dir
+    return StudyOptions(seed=seed, acl="torn", rescan=False, derived=False, truth=False,
+                        overrides=Overrides(ROLES, args.matrix, args.slices))
+
+
+def gate_refusals(seed: int, args: argparse.Namespace, spec: gate.InputGate) -> list[str]:
+    """Why the gate's geometric input checks (slices, coverage, spacing; not intensity,
+    which needs the pixels) would refuse the model's input series of ``seed``'s study."""
+    from aiworker.phantom.study import study_plan
+
+    plan = next(s for s in study_plan(study_options(seed, args)).series if s.role == ROLES[0])
+    height, width = plan.field_of_view
+    stats = gate.InputStats(plan.slices, plan.slices * plan.spacing,
+                            (width / plan.columns, height / plan.rows, plan.spacing), {})
+    geometric = spec.model_copy(update={"intensity_percentiles": {}})
+    return [c.reason for c in gate.input_checks(geometric, stats) if not c.passed]
+
+
+def accepted_seeds(args: argparse.Namespace, count: int) -> list[int]:
+    """``count`` phantom seeds whose studies pass knee-demo's geometric input checks; exits
+    with the gate's reasons when ``--slices``/``--matrix`` leave too few (or none)."""
+    spec = Registry().get(MODEL).manifest.gate
+    if spec is None:
+        return list(range(FIRST_SEED, FIRST_SEED + count))
+    slices = spec.input.slices
+    if slices and not ((slices[0] is None or args.slices >= slices[0])
+                       and (slices[1] is None or args.slices <= slices[1])):
+        sys.exit(f"error: {MODEL}'s quality gate accepts {slices[0]:g} to {slices[1]:g} "
+                 f"slices per series, not --slices {args.slices}: every result would be "
+                 "not assessable")
+    seeds, first_refusal = [], None
+    for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEEDS):
+        refusals = gate_refusals(seed, args, spec.input)
+        if not refusals:
+            seeds.append(seed)
+            if len(seeds) == count:
+                return seeds
+        first_refusal = first_refusal or refusals
+    sys.exit(f"error: only {len(seeds)} of {MAX_SEEDS} phantom seeds give a study "
+             f"{MODEL}'s quality gate accepts with --slices {args.slices} --matrix "
+             f"{args.matrix} (e.g. {'; '.join(first_refusal or [])})")
+
+
+def write_phantom(folder: Path, seed: int, args: argparse.Namespace) -> Path:
+    """The phantom knee study of ``seed``; its DICOM folder."""
+    from aiworker.phantom.study import write_study
+
+    return write_study(folder, study_options(seed, args)).dicom_dir
 
 
 def storescu(tools: Tools, port: int, aet: str, *paths: Path) -> float:
@@ -153,21 +207,43 @@ def study_uid_of(folder: Path) -> str:
     return str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
 
 
-def wait_for_results(db: Path, orthanc: Orthanc, study_uid: str) -> dict:
-    """The study's job once every outbox row is sent and Orthanc shows the SEG and SR."""
-    deadline = time.monotonic() + RESULT_TIMEOUT_S
+def wait_for_results(db: Path, orthanc: Orthanc, study_uid: str, timeout_s: float) -> dict:
+    """The study's job once every outbox row is sent and Orthanc shows the SEG and SR;
+    raises, saying why, when the job fails, its result is not assessable, selection makes
+    no job, or ``timeout_s`` pass first."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         jobs = rows(db, "SELECT * FROM jobs WHERE study_uid = ?", (study_uid,))
-        if jobs and jobs[0]["state"] == "failed":
+        if not jobs:
+            unmatched = rows(db, "SELECT explanation FROM selections WHERE study_uid = ? AND"
+                             " matched = 0", (study_uid,))
+            if unmatched:
+                raise RuntimeError(f"selection made no job for the study: "
+                                   f"{unmatched[0]['explanation']}")
+        elif jobs[0]["state"] == "failed":
             raise RuntimeError(f"the job failed: {jobs[0]['error']}")
-        if jobs and jobs[0]["state"] == "done":
+        elif jobs[0]["state"] == "done":
+            if reasons := not_assessable(jobs[0]):
+                raise RuntimeError(f"{MODEL}'s quality gate found the result "
+                                   f"{gate.reason_text(reasons)}")
             outbox = rows(db, "SELECT state, sent_at FROM outbox WHERE job_id = ?",
                           (jobs[0]["job_id"],))
             if (len(outbox) == 3 and all(r["state"] == "sent" for r in outbox)
                     and orthanc.result_modalities(study_uid) == {"SEG", "SR"}):
                 return jobs[0] | {"sent_at": max(r["sent_at"] for r in outbox)}
         time.sleep(0.05)
-    raise RuntimeError(f"no results for {study_uid} after {RESULT_TIMEOUT_S:.0f} s")
+    state = jobs[0]["state"] if jobs else "no job yet"
+    raise RuntimeError(f"no results delivered for the study after {timeout_s:.0f} s "
+                       f"(job: {state}; see node.log in the work dir)")
+
+
+def not_assessable(job: dict) -> list[str]:
+    """Why the gate found the done ``job``'s whole result not assessable (empty if not)."""
+    try:
+        document = json.loads(ResultFolder(Path(job["result_dir"])).findings.read_text())
+    except (OSError, ValueError, TypeError):
+        return []
+    return gate.whole_reasons(document.get("findings", document))
 
 
 def stages_of(db: Path, job: dict) -> dict[str, float]:
@@ -193,12 +269,12 @@ def stages_of(db: Path, job: dict) -> dict[str, float]:
 
 
 def one_run(tools: Tools, node_port: int, db: Path, orthanc: Orthanc, study: Path,
-            results: Path) -> dict[str, float]:
+            results: Path, timeout_s: float) -> dict[str, float]:
     """Send ``study`` to Orthanc and to the node; the node's stage seconds and the peers'."""
     to_orthanc = storescu(tools, orthanc.dicom_port, "ORTHANC", study)
     to_node = storescu(tools, node_port, "AIWORKER", study)
     uid = study_uid_of(study)
-    job = wait_for_results(db, orthanc, uid)
+    job = wait_for_results(db, orthanc, uid, timeout_s)
     out = stages_of(db, job)
     folder = Path(job["result_dir"])
     shutil.copy(folder / "seg.dcm", results / "seg.dcm")
@@ -235,13 +311,16 @@ def print_report(runs: list[dict], args: argparse.Namespace, images: int) -> Non
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="timed studies (default 3)")
-    parser.add_argument("--slices", type=int, default=32, help="slices per series")
+    parser.add_argument("--slices", type=int, default=32,
+                        help="slices per series (default 32; within the gate's range)")
     parser.add_argument("--matrix", type=int, default=320, help="rows = columns")
     parser.add_argument("--stable", type=float, default=2.0,
                         help="completion.series_stable_seconds (default 2)")
     parser.add_argument("--device", default="auto", help="inference.device (auto, cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None,
                         help="inference.threads (default: the node's, every CPU)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for one study's results (default 300)")
     parser.add_argument("--json", type=Path, help="also write the runs to this file")
     return parser.parse_args(argv)
 
@@ -251,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     tools = find_tools(want_orthanc=True)
     if tools.orthanc is None:
         sys.exit("error: Orthanc is needed (apt-get install orthanc)")
+    seeds = accepted_seeds(args, args.runs + 1)
     workdir = Path(tempfile.mkdtemp(prefix="aiworker-e2e-", dir=OUT if OUT.exists()
                                     else None))
     print(f"{platform.node()} {platform.processor() or platform.machine()}, "
@@ -258,18 +338,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ris, orthanc = MllpReceiver(), start_orthanc(tools, workdir)
         node_port, db = start_node(tools, workdir, orthanc, ris, args)
-        studies = [write_phantom(workdir / f"study{n}", 900 + n, args)
-                   for n in range(args.runs + 1)]
+        studies = [write_phantom(workdir / f"study{n}", seed, args)
+                   for n, seed in enumerate(seeds)]
         images = sum(1 for p in studies[0].rglob("*") if p.is_file())
-        print("warm-up study (loads the model; not timed) ...", flush=True)
-        one_run(tools, node_port, db, orthanc, studies[0], workdir)
+        print(f"phantom seeds {seeds} (the gate accepts their geometry); "
+              "warm-up study (loads the model; not timed) ...", flush=True)
+        one_run(tools, node_port, db, orthanc, studies[0], workdir, args.timeout)
         runs = []
         for n, study in enumerate(studies[1:], 1):
-            runs.append(one_run(tools, node_port, db, orthanc, study, workdir))
+            runs.append(one_run(tools, node_port, db, orthanc, study, workdir, args.timeout))
             print(f"run {n}: total {runs[-1]['total']:.2f} s", flush=True)
         print_report(runs, args, images)
         if args.json:
             args.json.write_text(json.dumps(runs, indent=2))
+    except RuntimeError as exc:
+        sys.exit(f"error: {exc} (work dir kept: {workdir})")
     finally:
         PROCS.stop_all()
     shutil.rmtree(workdir, ignore_errors=True)
