@@ -13,7 +13,10 @@ Recipe (the model card says why):
 3. Segment ``--fit-cases`` further studies (seeds from :data:`~.data.FIT_SEEDS`) with the
    trained network through the engine, measure the segmented ACL region and fit the
    ACL-tear logistic model on those measurements.
-4. Write ``model.pt`` and ``model.yaml`` into ``--out`` (default: this folder).
+4. Write ``model.pt`` and ``model.yaml`` into ``--out`` (default: this folder). The
+   manifest keeps the ``gate:`` section of the one it replaces (or of the bundled one), so
+   retraining does not drop the quality gate; ``python bench/gate.py`` re-derives its ranges
+   for the new weights.
 
 Everything random is seeded from ``--seed``; the same command on the same versions of
 torch and MONAI reproduces the weights up to floating-point summation order.
@@ -69,8 +72,9 @@ def inference_spec() -> dict:
             "amp_dtype": "bfloat16", "time_limit_s": 300}
 
 
-def manifest(region: RegionClassifier | None) -> dict:
-    """model.yaml as a mapping (``region`` None: a placeholder head, before fitting)."""
+def manifest(region: RegionClassifier | None, gate: dict | None = None) -> dict:
+    """model.yaml as a mapping (``region`` None: a placeholder head, before fitting;
+    ``gate`` the quality gate's section, None for none)."""
     head = {"name": "acl", "classes": ["intact", "torn"], "positive": "torn",
             "threshold": 0.5,
             "region": region.model_dump() if region else
@@ -83,7 +87,33 @@ def manifest(region: RegionClassifier | None) -> dict:
             "outputs": {"segmentation": {"labels": manifest_labels(),
                                          "largest_component": False},
                         "classification": [head]},
+            **({"gate": gate} if gate is not None else {}),
             "intended_use": INTENDED_USE}
+
+
+def kept_gate(out: Path) -> dict | None:
+    """The ``gate:`` section of ``out``'s model.yaml, else of the bundled one (None when
+    neither has one)."""
+    for path in (out / "model.yaml", HERE / "model.yaml"):
+        if path.is_file():
+            section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("gate")
+            if section is not None:
+                return section
+    return None
+
+
+def write_manifest(out: Path, region: RegionClassifier) -> Path:
+    """Write ``out``/model.yaml for the fitted ``region``, keeping the quality gate of the
+    manifest it replaces (:func:`kept_gate`); refuses a manifest the node would reject."""
+    path = out / "model.yaml"
+    gate = kept_gate(out)
+    text = yaml.safe_dump(manifest(region, gate), sort_keys=False)
+    parse_manifest(text, path)
+    path.write_text(text, encoding="utf-8")
+    if gate is not None:
+        log.info("model.yaml keeps the previous quality gate; its ranges were derived for "
+                 "the previous weights (python bench/gate.py re-derives them)")
+    return path
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -243,9 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     save_weights(network, args.out / "model.pt")
     fit_seeds = [data.FIT_SEEDS[0] + i for i in range(args.fit_cases)]
     region, fitted = fit_classifier(network, fit_seeds, args.workers)
-    text = yaml.safe_dump(manifest(region), sort_keys=False)
-    parse_manifest(text, args.out / "model.yaml")  # refuse to write a manifest the node rejects
-    (args.out / "model.yaml").write_text(text, encoding="utf-8")
+    write_manifest(args.out, region)
     (args.out / "checkpoint.pt").unlink(missing_ok=True)
     correct = sum((p >= 0.5) == torn for p, torn in fitted)
     log.info("ACL head on its %d fitting cases: %d correct; total %.1f min", len(fitted),
