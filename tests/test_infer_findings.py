@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aiworker.infer import findings
-from aiworker.infer.manifest import REGION_FEATURES, ClassificationHead, RegionClassifier
+from aiworker.infer.manifest_sections import REGION_FEATURES, ClassificationHead, RegionClassifier
 
 ROD, REFERENCE = 10, 11
 SHAPE = (60, 12, 8)  # (x, y, z)

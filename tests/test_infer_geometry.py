@@ -33,7 +33,7 @@ from infer_support import (
 )
 
 from aiworker.infer.engine import Engine
-from aiworker.infer.manifest import Input
+from aiworker.infer.manifest_sections import Input
 from aiworker.infer.preprocess import labels_image, model_input, resample
 from aiworker.infer.volume import LoadedSeries, labels_to_series, load_series
 from aiworker.phantom import anatomy, render

@@ -17,7 +17,8 @@ from results_support import truth_series_labels
 from support import dciodvfy_errors
 
 import aiworker
-from aiworker.infer.manifest import Code, Manifest
+from aiworker.infer.manifest import Manifest
+from aiworker.infer.manifest_sections import Code
 from aiworker.infer.registry import Registry, model_id
 from aiworker.results.seg import SERIES_DESCRIPTION, SegError, build_seg
 from aiworker.results.uids import result_uid

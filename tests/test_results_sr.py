@@ -21,8 +21,8 @@ from pydicom.uid import Comprehensive3DSRStorage
 from support import dciodvfy_errors
 
 from aiworker.infer import findings as infer_findings
-from aiworker.infer.manifest import Code as ManifestCode
 from aiworker.infer.manifest import Manifest, load_manifest
+from aiworker.infer.manifest_sections import Code as ManifestCode
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series

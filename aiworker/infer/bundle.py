@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiworker.infer.labels import coded_labels, missing_labels
-from aiworker.infer.manifest import MANIFEST_NAME, Bundle, Manifest, ModelError
+from aiworker.infer.manifest import MANIFEST_NAME, Manifest, ModelError
+from aiworker.infer.manifest_sections import Bundle
 
 if TYPE_CHECKING:
     import torch

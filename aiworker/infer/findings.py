@@ -3,9 +3,10 @@
 Volumes are counted on the labels as they lie on the source series (the label map a SEG
 will carry), so the SR, the HL7 report and the SEG agree to the voxel.
 
-A classification head of kind ``region`` (see :class:`~aiworker.infer.manifest.RegionClassifier`)
-measures one segmented region in model space and feeds the measurements to a logistic
-model. The measurements, for the region R of the head's label:
+A classification head of kind ``region`` (see
+:class:`~aiworker.infer.manifest_sections.RegionClassifier`) measures one segmented region
+in model space and feeds the measurements to a logistic model. The measurements, for the
+region R of the head's label:
 
 * ``volume_ml``: the volume of R;
 * ``volume_ratio``: that volume over the volume of ``reference_label`` (size-free);
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from aiworker.infer.manifest import ClassificationHead, Manifest, RegionClassifier
+from aiworker.infer.manifest import Manifest
+from aiworker.infer.manifest_sections import ClassificationHead, RegionClassifier
 
 MIN_PART_VOXELS = 5
 GAP_BIN_MM = 1.0
@@ -54,7 +56,7 @@ def volumes_ml(labels: np.ndarray, voxel_ml: float, manifest: Manifest) -> dict[
 
 def region_features(labels: np.ndarray, intensity: np.ndarray, spacing: tuple[float, ...],
                     region: RegionClassifier) -> dict[str, float]:
-    """Every measurement in :data:`~aiworker.infer.manifest.REGION_FEATURES` of the region
+    """Every measurement in :data:`~aiworker.infer.manifest_sections.REGION_FEATURES` of the region
     of ``region.label`` in the (x, y, z) arrays ``labels`` and ``intensity``."""
     mask = labels == region.label
     voxel_ml = math.prod(spacing) / 1000.0

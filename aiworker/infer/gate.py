@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 
     import SimpleITK as sitk
 
-    from aiworker.infer.manifest import Manifest, Normalization
+    from aiworker.infer.manifest import Manifest
+    from aiworker.infer.manifest_sections import Normalization
 
 NOT_ASSESSABLE = "not assessable"
 INPUT, OUTPUT = "input", "output"

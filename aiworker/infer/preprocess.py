@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from aiworker.infer.manifest import Input, Normalization
+from aiworker.infer.manifest_sections import Input, Normalization
 
 
 @dataclass

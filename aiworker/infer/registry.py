@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 from aiworker.infer import bundle, nnunet
 from aiworker.infer.manifest import (
     MANIFEST_NAME,
-    Bundle,
     Manifest,
     ManifestError,
     ModelError,
-    Network,
     load_manifest,
 )
+from aiworker.infer.manifest_sections import Bundle, Network
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: the node's own process
     import torch  # checks manifests without it

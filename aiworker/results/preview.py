@@ -24,7 +24,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 import aiworker
-from aiworker.infer.manifest import Label, Manifest
+from aiworker.infer.manifest import Manifest
+from aiworker.infer.manifest_sections import Label
 from aiworker.infer.volume import LoadedSeries
 from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
 from aiworker.results.uids import result_uid

@@ -48,7 +48,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, SegmentationStorage
 
 import aiworker
-from aiworker.infer.manifest import Code, Label, Manifest
+from aiworker.infer.manifest import Manifest
+from aiworker.infer.manifest_sections import Code, Label
 from aiworker.infer.volume import LoadedSeries
 from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
 from aiworker.results.uids import result_uid

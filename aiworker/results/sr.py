@@ -57,8 +57,9 @@ from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, genera
 
 import aiworker
 from aiworker.infer import gate
-from aiworker.infer.manifest import Code as ManifestCode
-from aiworker.infer.manifest import Label, Manifest
+from aiworker.infer.manifest import Manifest
+from aiworker.infer.manifest_sections import Code as ManifestCode
+from aiworker.infer.manifest_sections import Label
 from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
 from aiworker.results.uids import result_uid
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from aiworker.infer.manifest import Input
+from aiworker.infer.manifest_sections import Input
 from aiworker.infer.preprocess import model_input, resample
 from aiworker.models.knee_demo.labels import STRUCTURES
 from aiworker.phantom import anatomy, render

@@ -37,7 +37,8 @@ import yaml
 from monai.losses import DiceCELoss
 
 from aiworker.infer import findings
-from aiworker.infer.manifest import Input, RegionClassifier, parse_manifest
+from aiworker.infer.manifest import parse_manifest
+from aiworker.infer.manifest_sections import Input, RegionClassifier
 from aiworker.models.knee_demo import data
 from aiworker.models.knee_demo.labels import ACL, CLASSES, PCL, manifest_labels
 
