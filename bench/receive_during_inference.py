@@ -23,7 +23,7 @@ Two loads (``--load``):
   paused (SIGSTOP) for the idle runs.
 
 The CPU time the receiving node and the load used during each timed send is reported in
-cores (CPU seconds / send seconds).
+cores (CPU seconds / send seconds). The loads are in ``bench/inference_loads.py``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,26 +45,20 @@ from common import (
     MB,
     OUT,
     PROCS,
-    ROOT,
     WARMUP_SLICES,
     Study,
     Tools,
-    clean_env,
     find_tools,
     fmt,
     git_revision,
     keep_logs,
     load_study,
     machine_lines,
-    tail,
-    wait_for_text,
 )
-from targets import Mode, Server, send, settle_count, start_node
+from inference_loads import EngineLoad, Load, WorkerLoad
+from targets import Mode, send, settle_count, start_node
 
 TARGET = 0.80
-LOAD_START_TIMEOUT_S = 600.0
-TRIGGER_STUDIES = 3
-POLL_S = 0.1
 
 
 def tree_cpu(procs: list[psutil.Process]) -> float:
@@ -79,167 +71,6 @@ def tree_cpu(procs: list[psutil.Process]) -> float:
             continue
         total += times.user + times.system
     return total
-
-
-# ----------------------------------------------------------------------------- engine load
-
-
-def loop_forever(args: argparse.Namespace) -> None:
-    """The engine load process: run the engine on the series in ``args.series_dir`` until
-    killed, printing ``ready`` after the first run and each run's seconds after that."""
-    import infer  # torch and the engine only in this process (infer puts aiworker on the path)
-    import SimpleITK as sitk
-    import torch
-
-    from aiworker.infer.engine import Engine
-    from aiworker.infer.registry import Registry, model_id
-
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    spec = Registry(models_dir=args.models_dir).get(args.model)
-    engine = Engine(spec, device="cpu")
-    files = sorted(args.series_dir.rglob("*.dcm"))
-    infer.one_run(engine, files)
-    print(f"ready: {model_id(spec)} on {len(files)} slices", flush=True)
-    while True:
-        print(f"run {infer.one_run(engine, files)['total']:.2f} s", flush=True)
-
-
-class EngineLoad:
-    """A looping engine process beside the node, paused for idle runs."""
-
-    node_config = ""
-
-    def __init__(self, args: argparse.Namespace, workdir: Path):
-        import infer
-
-        series_dir = workdir / "load-series"
-        infer.write_series(series_dir)
-        argv = ["nice", "-n", str(args.nice), sys.executable, __file__, "--loop",
-                "--series-dir", str(series_dir), "--model", args.model,
-                "--threads", str(args.threads)]
-        if args.models_dir:
-            argv += ["--models-dir", str(args.models_dir)]
-        self.log = workdir / "load.log"
-        self.proc = PROCS.start(argv, clean_env(False), self.log, cwd=ROOT)
-        wait_for_text(self.log, "ready:", self.proc, LOAD_START_TIMEOUT_S)
-        self.ps = psutil.Process(self.proc.pid)
-        self.describe = (f"a separate process: Engine on bench/infer.py's series in a loop, "
-                         f"nice {args.nice}, {args.threads} torch threads "
-                         f"({self.ready_line()}); paused (SIGSTOP) for the idle runs")
-
-    def ready_line(self) -> str:
-        """What the load printed once its first run ended: the model and series size."""
-        lines = self.log.read_text().splitlines()
-        return next((line for line in lines if line.startswith("ready:")), "?")
-
-    def set_busy(self, busy: bool) -> None:
-        """Resume (busy) or pause (idle) the load's process group."""
-        os.killpg(self.proc.pid, signal.SIGCONT if busy else signal.SIGSTOP)
-
-    def prepare(self, server: Server, run_dir: Path, busy: bool, tools: Tools,
-                timeout_s: float) -> None:
-        """Nothing to do once the node runs: the load was paused or resumed before."""
-
-    def processes(self, server: Server) -> list[psutil.Process]:
-        return [self.ps]
-
-    def after_send(self, run_dir: Path, busy: bool) -> str:
-        return ""
-
-    def extra_images(self, busy: bool) -> int:
-        """Instances the node receives besides the warm-up and timed studies: none."""
-        return 0
-
-    def close(self) -> None:
-        self.set_busy(True)  # a stopped process does not act on SIGTERM
-        PROCS.stop(self.proc)
-
-
-# ----------------------------------------------------------------------------- worker load
-
-
-class WorkerLoad:
-    """The node's own inference worker, given jobs by sending it studies it selects."""
-
-    def __init__(self, args: argparse.Namespace, workdir: Path):
-        import infer
-
-        self.studies = workdir / "trigger-studies"
-        subprocess.run(infer.phantom_argv(self.studies, TRIGGER_STUDIES), cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL)
-        from aiworker.config import Inference
-        from aiworker.infer.process import default_threads
-
-        args.nice = Inference().nice if args.nice is None else args.nice
-        args.threads = args.threads or default_threads()
-        inference = {"nice": args.nice, "threads": args.threads}
-        if args.models_dir:
-            inference["models_dir"] = str(args.models_dir)
-        pipeline = {"name": "knee", "rules": str(ROOT / "config/rules/knee.yaml"),
-                    "model": args.model, "outputs": [], "send_to": []}
-        self.node_config = (f"pipelines: [{json.dumps(pipeline)}]\n"
-                            f"inference: {json.dumps(inference)}\n")
-        self.describe = (f"the node's inference worker (inference.nice {args.nice}, "
-                         f"inference.threads {args.threads}), model {args.model}; busy runs "
-                         f"first send "
-                         f"{TRIGGER_STUDIES} studies of bench/infer.py's series and start "
-                         "the timed send once the 2nd job runs")
-
-    def set_busy(self, busy: bool) -> None:
-        """Nothing: the worker is idle until the node is sent studies it selects."""
-
-    def prepare(self, server: Server, run_dir: Path, busy: bool, tools: Tools,
-                timeout_s: float) -> None:
-        """For a busy run: send the trigger studies and return once the 2nd job runs."""
-        if not busy:
-            return
-        cases = sorted(self.studies.glob("case-*"))
-        send(tools, server, Mode("trigger", True, [cases], True, 1, ""), run_dir,
-                timeout_s)
-        db = run_dir / "data" / "state.db"
-        deadline = time.monotonic() + LOAD_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            states = job_states(db)
-            if states.count("done") >= 1 and "running" in states:
-                return
-            if "failed" in states or server.proc.poll() is not None:
-                raise RuntimeError(f"jobs {states}; node log:\n{tail(run_dir / 'node.log')}")
-            time.sleep(POLL_S)
-        raise RuntimeError(f"the 2nd job did not start within {LOAD_START_TIMEOUT_S:g} s "
-                           f"(jobs: {job_states(db)})")
-
-    def processes(self, server: Server) -> list[psutil.Process]:
-        """The node's children: the inference process (and multiprocessing's helper)."""
-        return psutil.Process(server.proc.pid).children(recursive=True)
-
-    def after_send(self, run_dir: Path, busy: bool) -> str:
-        """For a busy run: a job must still be running when the send ends."""
-        if not busy:
-            return ""
-        states = job_states(run_dir / "data" / "state.db")
-        if "running" not in states:
-            raise RuntimeError(f"no job was running at the end of the send (jobs: {states})")
-        return f"jobs at the end of the send: {', '.join(states)}"
-
-    def extra_images(self, busy: bool) -> int:
-        """The trigger studies' instances, in a busy run."""
-        return len(list(self.studies.rglob("*.dcm"))) if busy else 0
-
-    def close(self) -> None:
-        """Nothing: each node (and its worker) is stopped after its run."""
-
-
-def job_states(db: Path) -> list[str]:
-    """The state of every job in the node's state DB, oldest first ([] before it exists)."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            rows = conn.execute("SELECT state FROM jobs ORDER BY created_at, job_id")
-            return [row[0] for row in rows]
-    except sqlite3.Error:
-        return []
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -280,7 +111,7 @@ class Series:
         return f"fsync {'on' if self.fsync else 'off'}, {'inference' if self.busy else 'idle'}"
 
 
-def measure(tools: Tools, load: EngineLoad | WorkerLoad, series: Series, study: Study,
+def measure(tools: Tools, load: Load, series: Series, study: Study,
             warmup: Study, workdir: Path, timeout_s: float) -> tuple[Sample, str]:
     """Start the node fresh, warm it up, make the load busy or idle, send the study; the
     sample and a note for the progress line."""
@@ -317,7 +148,7 @@ def measure(tools: Tools, load: EngineLoad | WorkerLoad, series: Series, study: 
     return sample, note
 
 
-def run_all(args: argparse.Namespace, tools: Tools, load: EngineLoad | WorkerLoad,
+def run_all(args: argparse.Namespace, tools: Tools, load: Load,
             study: Study, warmup: Study, workdir: Path) -> list[Series]:
     """Idle and busy runs, alternating, for each fsync setting; progress printed."""
     results = []
@@ -411,8 +242,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where run folders are made (default bench/out)")
     parser.add_argument("--out-json", type=Path, default=None,
                         help="also write the JSON result to this file")
-    parser.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--series-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         args.fsync = [{"off": False, "on": True}[v] for v in args.fsync.split(",")]
@@ -420,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--fsync takes off, on or off,on")
     if args.runs < 1 or args.slices < 1:
         parser.error("--runs and --slices must be >= 1")
-    if args.load == "engine" or args.loop:
+    if args.load == "engine":
         args.nice = 10 if args.nice is None else args.nice
         args.threads = args.threads or 2
     return args
@@ -457,9 +286,6 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.loop:
-        loop_forever(args)
-        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
     try:
