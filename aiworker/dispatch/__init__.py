@@ -1,1 +1,4 @@
-"""Outgoing DICOM and HL7: the SCU used by the CLI now and by the outbox later."""
+"""Sending results: the node's outbox stage (:mod:`.stage`) queues each done job's objects
+and the dispatcher (:mod:`.outbox`) sends them with retries, over DICOM C-STORE (:mod:`.scu`,
+also the CLI's ``echo`` and ``send``), STOW-RS (:mod:`.dicomweb`) or HL7 over MLLP
+(:mod:`.mllp`, which also holds a small receiver for the demo, benchmarks and tests)."""
