@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from aiworker.config import load_config  # noqa: E402
 from aiworker.node import Node  # noqa: E402
 from aiworker.receive import fastpath, scp  # noqa: E402
-from aiworker.receive.dataset import read_header  # noqa: E402
+from aiworker.receive.dataset import read_whole_data_set  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from common import OUT, find_dcmtk, free_port  # noqa: E402
@@ -48,7 +48,7 @@ def cut_down_handler(variant: str):
     def handle(self: scp.Receiver, event) -> int:
         request = event.request
         if variant == "parse":
-            read_header(request.DataSet, UID(event.context.transfer_syntax))
+            read_whole_data_set(request.DataSet, UID(event.context.transfer_syntax))
         if variant == "write":
             path = self.spool.root / "x" / f"{request.AffectedSOPInstanceUID}.dcm"
             self.spool.write(path, [b"\0" * 300, request.DataSet.getbuffer()])

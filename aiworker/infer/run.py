@@ -115,7 +115,7 @@ def run_job(request: JobRequest, engine: Any, write_objects: WriteObjects | None
         findings = json.loads(json.dumps(findings, default=_plain))
         document = findings if request.about is None else \
             request.about | {"device": result.device, "findings": findings}
-        write_results(request.result_dir, result.label_image, document)
+        write_labels_and_findings(request.result_dir, result.label_image, document)
         timings["write"] = round(time.perf_counter() - started, 4)
         if write_objects is not None:
             timings |= _write_objects(write_objects, request, series[0], result.labels,
@@ -171,7 +171,7 @@ def classify_error(exc: BaseException) -> Failure:
     return Failure("model", f"{type(exc).__name__}: {first_line}".rstrip(": "))
 
 
-def write_results(folder: Path, label_image: Any, findings: dict[str, Any]) -> None:
+def write_labels_and_findings(folder: Path, label_image: Any, findings: dict[str, Any]) -> None:
     """``labels.nii.gz`` and ``findings.json`` in ``folder``, each written under a temporary
     name, flushed to disk and renamed, so a reader never sees half a file."""
     import SimpleITK as sitk

@@ -5,12 +5,12 @@ syntax. The node stores it byte for byte, so it never decodes the pixels; it nee
 
 * the Part 10 file header to write in front of the data set (:func:`part10_header`), and
 * a handful of header attributes for the state DB, and the assurance that the data set is
-  whole (:func:`read_header`): pydicom walks every element but skips over large values
+  whole (:func:`read_whole_data_set`): pydicom walks every element but skips over large values
   (Pixel Data) without copying them, and the walk must end exactly at the last byte.
 
 pydicom's walk stops without a word where the data ends in the middle of an element's
 header, and reads a short value where it ends in a value, so "the walk ended at the last
-byte" alone lets a data set cut after its UIDs through. :func:`read_header` also holds every
+byte" alone lets a data set cut after its UIDs through. :func:`read_whole_data_set` also holds every
 element to its own length (each value as long as its length says, the last element ending
 at the last byte) and the Pixel Data to the image's size (:mod:`aiworker.receive.pixels`).
 """
@@ -40,7 +40,7 @@ class IncompleteDataSet(ValueError):
     the message says where (it fits an Error Comment)."""
 
 
-def read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
+def read_whole_data_set(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
     """Walk the data set in ``stream`` from its start; values are converted on access.
 
     Raises :class:`IncompleteDataSet` when the elements do not end exactly where the

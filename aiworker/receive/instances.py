@@ -21,7 +21,7 @@ from typing import BinaryIO
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from aiworker.receive.dataset import IncompleteDataSet, part10_header, read_header
+from aiworker.receive.dataset import IncompleteDataSet, part10_header, read_whole_data_set
 from aiworker.receive.pixels import DamagedPixelData, has_pixel_data, is_image_storage
 from aiworker.store.db import StateDB
 from aiworker.store.records import InstanceRecord, MissingUID, instance_uids
@@ -146,7 +146,7 @@ class InstanceStore:
         if not transfer_syntax.is_transfer_syntax:
             raise StoreRefused(CANNOT_DECODE, f"unsupported transfer syntax {transfer_syntax}")
         try:
-            ds = read_header(data_set, transfer_syntax)
+            ds = read_whole_data_set(data_set, transfer_syntax)
         except Exception as exc:
             raise StoreRefused(CANNOT_DECODE, _why_undecodable(exc)) from exc
         try:
