@@ -16,5 +16,6 @@ from aiworker.cli.common import app
 
 # each module registers its commands on app, in this order
 from aiworker.cli import node, state, selection, tools  # noqa: F401
+from aiworker.cli import export  # noqa: F401,E402  (aiworker export)
 
 __all__ = ["app"]

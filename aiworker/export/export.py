@@ -11,6 +11,11 @@ pseudonyms agree across the whole export, and written to::
 The mapping (original -> new UIDs, patient ID -> pseudonym, the date shift's seed) goes to
 a separate file, mode 0600, never inside ``DIR`` (the folder that is shared): by default
 ``DIR.parent/<DIR name>-mapping.json``; ``mapping=None`` writes none.
+
+One export draws a fresh random seed, so two exports of the same study share nothing. An
+export given an earlier mapping's seed (:func:`mapping_seed`) maps the same source to the
+same UIDs, pseudonyms and date shift: a resend after a partial failure adds no duplicates
+at the receiver, and a study exported later joins its patient's earlier ones.
 """
 
 from __future__ import annotations
@@ -49,13 +54,15 @@ class StudyFiles:
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """What to export, how, and where. ``mapping``: the mapping file, None for none."""
+    """What to export, how, and where. ``mapping``: the mapping file, None for none;
+    ``seed``: an earlier export's (:func:`mapping_seed`), None for a fresh one."""
 
     studies: tuple[StudyFiles, ...]
     out_dir: Path
     options: Options
     profile: str = "basic"
     mapping: Path | None = None
+    seed: str | None = None
 
 
 @dataclass
@@ -79,6 +86,26 @@ def default_mapping_path(out_dir: Path) -> Path:
     """Beside the export folder, never in it: ``DIR.parent/<DIR name>-mapping.json``."""
     out_dir = out_dir.resolve()
     return out_dir.parent / f"{out_dir.name}-mapping.json"
+
+
+def node_export_dir(data_dir: Path, label: str, now: float | None = None) -> Path:
+    """A new export's folder on the node: ``<data_dir>/exports/<UTC time>-<label>-<random>``
+    (the dashboard's exports, and the staging folder of one sent to a destination)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    safe = "".join(c if c.isalnum() or c in ".-_" else "_" for c in label)[-40:]
+    return Path(data_dir).resolve() / "exports" / f"{stamp}-{safe}-{secrets.token_hex(3)}"
+
+
+def mapping_seed(path: Path) -> str:
+    """The seed an earlier export's mapping file records."""
+    try:
+        seed = json.loads(path.read_text(encoding="utf-8"))["seed"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{path} is not an export's mapping file (no seed in it): "
+                          f"{exc.__class__.__name__}") from exc
+    if not isinstance(seed, str) or not seed:
+        raise ExportError(f"{path} is not an export's mapping file (no seed in it)")
+    return seed
 
 
 def study_files(db: StateDB, study_uid: str) -> StudyFiles:
@@ -112,7 +139,7 @@ def export(request: ExportRequest) -> ExportReport:
                           f"folder {out_dir}, which is meant to be shared")
     if not any(s.sources or s.results for s in request.studies):
         raise ExportError("nothing to export: no done job with input series or results")
-    deid = Deidentifier(request.options, seed=secrets.token_hex(16))
+    deid = Deidentifier(request.options, seed=request.seed or secrets.token_hex(16))
     report = ExportReport(str(out_dir), request.profile, list(request.options.names),
                           studies=len(request.studies))
     for study in request.studies:
@@ -159,7 +186,8 @@ def _write_mapping(path: Path, deid: Deidentifier, request: ExportRequest) -> No
 
 
 def export_studies(db: StateDB, study_uids: Sequence[str], out_dir: Path, options: Options,
-                   profile: str, mapping: Path | None) -> ExportReport:
+                   profile: str, mapping: Path | None, seed: str | None = None
+                   ) -> ExportReport:
     """:func:`export` of studies the state DB knows."""
     studies = tuple(study_files(db, uid) for uid in study_uids)
-    return export(ExportRequest(studies, out_dir, options, profile, mapping))
+    return export(ExportRequest(studies, out_dir, options, profile, mapping, seed))
