@@ -304,6 +304,24 @@ class Inference(_Section):
         raise ValueError("must be auto, cpu, cuda or cuda:N")
 
 
+class State(_Section):
+    """Where the state (studies, jobs, outbox) lives: the embedded SQLite file under
+    ``storage.data_dir``, or a PostgreSQL database that several receivers and workers
+    share (docs/scale-out.md)."""
+
+    url: str | None = Field(None, description="postgresql://USER[:PASS]@HOST:PORT/DB; "
+                            "unset: the SQLite file under storage.data_dir")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from aiworker.store.backend import check_url
+
+        return check_url(value.strip())
+
+
 class Logging(_Section):
     """How the node logs (to stderr; no patient data either way)."""
 
@@ -319,6 +337,7 @@ class Config(_Section):
 
     node: Node = Node()
     storage: Storage = Storage()
+    state: State = State()
     completion: Completion = Completion()
     selection: Selection = Selection()
     destinations: dict[str, Destination] = {}

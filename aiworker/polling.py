@@ -33,6 +33,11 @@ class PollingStage:
     def start(self) -> None:
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the running work to end at its next check, without waiting (a stage whose
+        work runs as queue jobs, outside its own thread)."""
+        self._stop.set()
+
     def stop(self) -> None:
         """Stop ticking; wait for the running tick (up to :meth:`join_timeout`)."""
         self._stop.set()

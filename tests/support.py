@@ -198,8 +198,9 @@ class NodeProcess:
     """``aiworker serve`` as a subprocess with its own config file and data dir."""
 
     def __init__(self, workdir: Path, name: str, config: dict[str, Any],
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
         self.workdir = workdir
+        self.args = args  # after ``serve --config CFG``: ``--role receive``
         self.name = name
         self.config = config
         self.extra_env = env or {}
@@ -225,7 +226,7 @@ class NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "node already running"
         with open(self.log_path, "ab") as log, open(self.stdout_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [AIWORKER, "serve", "--config", str(self.config_path)],
+                [AIWORKER, "serve", "--config", str(self.config_path), *self.args],
                 stdout=out, stderr=log, cwd=self.workdir, env=self.env(),
             )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -539,6 +540,13 @@ class OrthancProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+    def kill(self) -> None:
+        """Stop Orthanc at once (SIGKILL), for teardown: its SIGTERM takes ~3.5 s here, and
+        a test's throwaway storage needs no clean shutdown."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
         """Orthanc's record of a study (``/studies/{id}``), or None."""

@@ -117,9 +117,12 @@ def scp(tmp_path: Path) -> Iterator[StoreSCP]:
     server.stop()
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[StateDB]:
-    state = StateDB(tmp_path / "state.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateDB]:
+    """The state DB on each backend: the outbox runs the same SQL on both."""
+    where = tmp_path / "state.db" if request.param == "sqlite" else \
+        request.getfixturevalue("pg_url")
+    state = StateDB(where)
     yield state
     state.close()
 

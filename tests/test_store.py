@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -34,22 +33,20 @@ def record(series: str, sop: str, *, at: float, study: str = STUDY,
     )
 
 
-@pytest.fixture
-def db(tmp_path: Path):
-    state = StateDB(tmp_path / "state.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path):
+    """The state DB on each backend: the same store code, the same assertions."""
+    where = tmp_path / "state.db" if request.param == "sqlite" else \
+        request.getfixturevalue("pg_url")
+    state = StateDB(where)
     yield state
     state.close()
 
 
 def events(db: StateDB, kind: str) -> list[dict]:
     """The events of one kind, oldest first, read with plain SQL."""
-    conn = sqlite3.connect(db.path)
-    try:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,))
-        return [dict(r, detail=json.loads(r["detail"] or "{}")) for r in rows]
-    finally:
-        conn.close()
+    rows = db.query("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,))
+    return [dict(r, detail=json.loads(r["detail"] or "{}")) for r in rows]
 
 
 def series_row(db: StateDB, series_uid: str) -> dict:

@@ -111,13 +111,19 @@ def since_seconds(text: str | None) -> float | None:
 def node_db(config: Path | Config, command: str, why_empty: str) -> StateDB:
     """The node's state DB (by its config, or the config file's path); exit 1 saying
     ``why_empty`` when it has none yet."""
-    from aiworker.store.db import StateDB
-    from aiworker.store.layout import DataPaths
+    from aiworker.store.backend import STATE_ERRORS, describe
+    from aiworker.store.db import StateDB, state_location
 
     cfg = config if isinstance(config, Config) else read_config(config)
-    db_path = DataPaths(cfg.storage.data_dir).db
-    if not db_path.exists():
-        err.print(f"{command}: no state DB at {db_path}: {why_empty}", highlight=False,
+    where = state_location(cfg)
+    if isinstance(where, Path) and not where.exists():
+        err.print(f"{command}: no state DB at {where}: {why_empty}", highlight=False,
                   markup=False)
         raise typer.Exit(1)
-    return StateDB(db_path)
+    try:
+        return StateDB(where)
+    except STATE_ERRORS as exc:
+        err.print(f"{command}: cannot open the state at {describe(where)}: "
+                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",
+                  highlight=False, markup=False)
+        raise typer.Exit(1) from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import Progress
@@ -25,14 +25,40 @@ from aiworker.cli.common import (
     read_config,
 )
 
+RoleOption = Annotated[str, typer.Option(
+    "--role", help="all: every stage in this process; receive: the DICOM listener, "
+    "completion, retention and web only (several receivers share a PostgreSQL state.url; "
+    "`aiworker worker` runs the rest)")]
+QueuesOption = Annotated[str | None, typer.Option(
+    "--queues", help="comma-separated: select,infer,results,outbox (default: all); "
+    "infer alone makes a GPU worker that keeps its models loaded")]
+
 
 @app.command()
-def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Start the node: the DICOM listener and the completion scheduler."""
+def serve(config: ConfigOption = DEFAULT_CONFIG, role: RoleOption = "all") -> None:
+    """Start the node: the DICOM listener, the completion scheduler and (role all) every
+    stage."""
+    from aiworker.node import ROLES
     from aiworker.node import serve as run_node
 
+    if role not in ROLES:
+        raise typer.BadParameter(f"use {' or '.join(ROLES)}", param_hint="--role")
     cfg = read_config(config)
-    run_node(cfg, on_ready=lambda: _print_banner(cfg))
+    run_node(cfg, on_ready=lambda: _print_banner(cfg), role=role)
+
+
+@app.command()
+def worker(config: ConfigOption = DEFAULT_CONFIG, queues: QueuesOption = None) -> None:
+    """Run stage jobs (select, infer, results, outbox) from the shared PostgreSQL state;
+    start several, on several hosts."""
+    from aiworker.node import work
+    from aiworker.queue.worker import parse_queues
+
+    try:
+        chosen = parse_queues(queues)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--queues") from exc
+    work(read_config(config), chosen)
 
 
 def _print_banner(cfg: Config) -> None:

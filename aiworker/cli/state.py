@@ -31,19 +31,20 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
            problems: Annotated[int, typer.Option(help="How many recent problems to list.")] = 10,
            ) -> None:
     """List received studies (series, instance counts, state) and recent problems."""
-    from aiworker.store.db import StateDB
+    from aiworker.store.backend import describe
+    from aiworker.store.db import StateDB, state_location
     from aiworker.store.status import status_report
 
     cfg = read_config(config)
-    db_path = DataPaths(cfg.storage.data_dir).db
-    db = StateDB(db_path) if db_path.exists() else None
+    where = state_location(cfg)
+    db = StateDB(where) if not isinstance(where, Path) or where.exists() else None
     report = status_report(db, problems) if db else {"studies": [], "problems": []}
     studies = report["studies"]
     if as_json:
         print(json.dumps(report, indent=2))
         return
     if not studies:
-        console.print(f"no studies received yet (state DB: {db_path})")
+        console.print(f"no studies received yet (state DB: {describe(where)})")
     for study in report["studies"]:
         _print_study_status(study)
     if report["problems"]:
@@ -174,9 +175,11 @@ def resend(job: Annotated[str | None, typer.Argument(
 def _find_job(ref: str, config: Path) -> dict[str, Any] | None:
     """The one job ``ref`` names (an exact id or a unique prefix); None when it names none
     or several, or the node has no state DB yet."""
+    from aiworker.store.db import state_location
     from aiworker.store.jobs import JobError
 
-    if not DataPaths(read_config(config).storage.data_dir).db.exists():
+    where = state_location(read_config(config))
+    if isinstance(where, Path) and not where.exists():
         return None
     db = node_db(config, "resend", "no jobs yet")
     try:

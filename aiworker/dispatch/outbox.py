@@ -245,10 +245,10 @@ class Dispatcher:
         if not names:
             return {}
         with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="outbox") as pool:
-            reports = list(pool.map(partial(self._dispatch, now=now), names))
+            reports = list(pool.map(partial(self.dispatch, now=now), names))
         return dict(zip(names, reports, strict=True))
 
-    def _dispatch(self, name: str, now: float) -> DestinationReport:
+    def dispatch(self, name: str, now: float) -> DestinationReport:
         """Claim, send and record one destination's batch; never raises."""
         rows = self.outbox.claim(name, now, self.batch_size)
         if not rows:

@@ -154,24 +154,43 @@ class OutboxStage(PollingStage):
     def queue_done_jobs(self) -> list[str]:
         """Add the rows of every done job that sends somewhere, has its objects written
         and has no rows yet; returns the jobs queued."""
-        queued = []
-        for job in self.db.jobs_to_dispatch():
-            pipeline = self.pipelines.get(job["pipeline"])
-            if pipeline is None:  # no longer configured: kept until it is again
-                continue
-            if not pipeline.send_to:
-                self.db.mark_dispatched(job["job_id"])  # nothing to send: delivered
-                continue
-            objects = self._ready_objects(job, pipeline)
-            if objects is None:
-                continue
-            ids = self.outbox.add(job["job_id"], job["study_uid"], objects)
-            self.db.mark_dispatched(job["job_id"])
-            self.db.add_event("outbox_queued", job["study_uid"], job["series_uid"],
-                              job_id=job["job_id"], rows=len(ids))
-            log.info("job %s: %d outbox rows queued", job["job_id"], len(ids))
-            queued.append(job["job_id"])
-        return queued
+        return [job["job_id"] for job in self.db.jobs_to_dispatch() if self.queue_job(job)]
+
+    def queue_job(self, job: dict[str, Any]) -> bool:
+        """Add one done job's rows (or mark it delivered when it sends nowhere); False
+        while its pipeline is not configured or its objects are not all written yet."""
+        pipeline = self.pipelines.get(job["pipeline"])
+        if pipeline is None:  # no longer configured: kept until it is again
+            return False
+        if not pipeline.send_to:
+            self.db.mark_dispatched(job["job_id"])  # nothing to send: delivered
+            return False
+        objects = self._ready_objects(job, pipeline)
+        if objects is None:
+            return False
+        ids = self.outbox.add(job["job_id"], job["study_uid"], objects)
+        self.db.mark_dispatched(job["job_id"])
+        self.db.add_event("outbox_queued", job["study_uid"], job["series_uid"],
+                          job_id=job["job_id"], rows=len(ids))
+        log.info("job %s: %d outbox rows queued", job["job_id"], len(ids))
+        return True
+
+    def send_due(self, destination: str) -> int:
+        """One ``outbox`` queue job: rows of ``destination`` left ``sending`` are pending
+        again (only one such job runs per destination, so they were cut off), then due
+        batches are sent until none is due. Returns the rows sent."""
+        if destination not in self.dispatcher.destinations:
+            return 0  # kept pending until a configuration names it again
+        self.outbox.recover(destination=destination)
+        sent = 0
+        while not self.stopping:
+            report = self.dispatcher.dispatch(destination, self.dispatcher.clock())
+            if not (report.sent or report.retry or report.dead):
+                break
+            log.info("outbox %s: sent %d, retry %d, dead %d", destination, report.sent,
+                     report.retry, report.dead)
+            sent += report.sent
+        return sent
 
     def _ready_objects(self, job: dict[str, Any], pipeline: Pipeline) -> list[NewObject] | None:
         """The job's objects, or None while one of their files is not written yet."""

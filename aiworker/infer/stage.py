@@ -35,6 +35,7 @@ from aiworker.polling import PollingStage
 from aiworker.select.decide import Pipeline
 from aiworker.store.db import StateDB
 from aiworker.store.disk import free_mb
+from aiworker.store.jobs import worker_name
 from aiworker.store.layout import ResultFolder
 
 log = logging.getLogger("aiworker.infer")
@@ -114,9 +115,34 @@ class InferenceWorker(PollingStage):
         """Stop claiming, stop the inference process, and queue again a job it was running."""
         super().stop()
         self._stop_process()  # the thread stops it; not when it never ran
-        requeued = self.db.requeue_running("node stopped")
+        self.requeue_own()
+
+    def requeue_own(self) -> None:
+        """Queue again the jobs this process was running (on a shared state, only its own:
+        other workers' jobs run on)."""
+        worker = worker_name() if self.db.shared else None
+        requeued = self.db.requeue_running("node stopped", worker=worker)
         if requeued:
             log.info("jobs %s were running and are queued again", ", ".join(requeued))
+
+    def load_models(self) -> None:
+        """Start the inference process and wait until it holds its models (a worker of the
+        ``infer`` queue does this at start, so its first job does not pay for it)."""
+        self.process = self.process or InferenceProcess(self.settings)
+        if self.process.wait_ready(LOAD_LIMIT_S, self._stop) is None:
+            self._replace("did not load its models in time")
+
+    def run_job_id(self, job_id: str) -> bool:
+        """One ``infer`` queue job: claim the job and run it; False when it is not there to
+        run (done, failed or superseded meanwhile) or the disk has no room (the caller
+        tries again later)."""
+        if not self._disk_has_room():
+            return False
+        job = self.db.claim_job_id(job_id)
+        if job is None:
+            return True
+        self.run_job(job)
+        return True
 
     def readiness(self) -> tuple[bool, str]:
         """Whether the models are usable, in words: found at start (else the node would not

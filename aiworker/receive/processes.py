@@ -83,7 +83,7 @@ def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any,
     all along)."""
     from aiworker import logs
     from aiworker.receive.scp import Receiver
-    from aiworker.store.db import StateDB
+    from aiworker.store.db import StateDB, state_location
     from aiworker.store.layout import DataPaths
     from aiworker.store.spool import Spool
 
@@ -92,7 +92,7 @@ def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any,
     logs.setup(config.logging.level, config.logging.format, config.logging.verbose)
     paths = DataPaths(config.storage.data_dir)
     receiver = Receiver(config, Spool(paths.spool, fsync=config.storage.fsync),
-                        StateDB(paths.db), shared_port=True)
+                        StateDB(state_location(config)), shared_port=True)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop

@@ -1,8 +1,11 @@
-"""The state DB: studies, series, instances and events, in SQLite (WAL) under the data dir.
+"""The state DB: studies, series, instances and events, in SQLite (WAL) under the data dir,
+or in a PostgreSQL database shared by several receivers and workers (``state.url``;
+:mod:`aiworker.store.backend`). The same SQL runs on both. One connection guarded by a lock
+serves every thread; each call is one short transaction.
 
-Plain SQL that PostgreSQL also accepts, so a site can move the state to a shared server
-later. One connection guarded by a lock serves every thread; each call is one short
-transaction.
+A state change that hands work to the next stage defers that stage's job in the same
+transaction (:attr:`StateDB.handoff`, :mod:`aiworker.store.handoff`): on PostgreSQL a
+procrastinate job, on SQLite nothing (the stages poll the tables).
 
 Durability: the DB runs with ``synchronous=NORMAL``. A committed row can be lost by a power
 cut, but the instance file it describes is already fsynced in the spool, and the start-up
@@ -21,21 +24,21 @@ An older DB opens as well: columns added since it was made are added to it at st
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiworker.store.backend import open_backend
 from aiworker.store.events import write_event
+from aiworker.store.handoff import NoHandoff, handoff_for
 from aiworker.store.jobs import JobTable
 from aiworker.store.records import InstanceRecord
 from aiworker.store.schema import ADDED_COLUMNS, SCHEMA
 from aiworker.store.selections import SelectionTable
 from aiworker.store.states import COMPLETE, MISSING, RECEIVING, STORED
+from aiworker.store.workers import WorkerTable
 
 
 @dataclass(frozen=True)
@@ -48,52 +51,52 @@ class Recorded:
     superseded: str | None = None  # the file of the same SOP Instance UID at another path
 
 
-class StateDB(SelectionTable, JobTable):
+def state_location(config: Any) -> Path | str:
+    """Where a config keeps its state: ``state.url``, else the SQLite file under
+    ``storage.data_dir``."""
+    from aiworker.store.layout import DataPaths
+
+    return config.state.url or DataPaths(config.storage.data_dir).db
+
+
+class StateDB(SelectionTable, JobTable, WorkerTable):
     """Thread-safe access to the state DB: receiving, events, reconcile and reading here;
     selections (:class:`~aiworker.store.selections.SelectionTable`) and the job lifecycle
     (:class:`~aiworker.store.jobs.JobTable`) in their own modules."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=10000")
-        self._lock = threading.Lock()
+    def __init__(self, location: Path | str):
+        """``location``: the SQLite file's path, or a ``postgresql://`` URL."""
+        self.backend = open_backend(location)
+        self.location = self.backend.location
+        self.path = self.location  # the SQLite file (a URL on PostgreSQL)
+        self.handoff: NoHandoff = handoff_for(self.backend.kind)
         with self._transaction() as cur:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     cur.execute(statement)
             _add_missing_columns(cur)
+            self.handoff.create_schema(cur)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes share this state (PostgreSQL): stages then run as jobs."""
+        return self.backend.kind == "postgresql"
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.backend.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[Any]:
+        return self.backend.transaction()
 
-    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+    def _query(self, sql: str, params: tuple = ()) -> list[Any]:
+        return self.backend.query(sql, params)
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Cursor]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on an error), for
-        the store modules that keep tables of their own."""
+    def transaction(self) -> AbstractContextManager[Any]:
+        """One write transaction (committed at the end, rolled back on an error), for the
+        store modules that keep tables of their own."""
         return self._transaction()
 
-    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: tuple = ()) -> list[Any]:
         """The rows of one read."""
         return self._query(sql, params)
 
@@ -158,6 +161,7 @@ class StateDB(SelectionTable, JobTable):
                     (COMPLETE, now, row["study_uid"]),
                 )
                 write_event(cur, "study_completed", row["study_uid"], None, None)
+                self.handoff.select(cur, row["study_uid"])
         return [row["series_uid"] for row in idle]
 
     def add_event(self, kind: str, study_uid: str | None = None, series_uid: str | None = None,
@@ -167,25 +171,11 @@ class StateDB(SelectionTable, JobTable):
             write_event(cur, kind, study_uid, series_uid, sop_uid, **detail)
 
 
-
-
-
-
-
-
     def series_instance_paths(self, series_uid: str) -> list[str]:
         """The paths of a series' stored instances, to load it as a volume."""
         rows = self._query("SELECT path FROM instances WHERE series_uid = ? AND state = ?"
                            " ORDER BY received_at, sop_uid", (series_uid, STORED))
         return [row["path"] for row in rows]
-
-
-
-
-
-
-
-
 
 
     # --- reconcile ---------------------------------------------------------------------
@@ -213,8 +203,8 @@ class StateDB(SelectionTable, JobTable):
 
     def probe_write(self) -> None:
         """Write and commit one row, to prove the DB takes writes (the readiness check);
-        raises :class:`sqlite3.Error` when it cannot. The table ``health`` keeps that one
-        row: when the last check ran."""
+        raises one of :data:`~aiworker.store.backend.STATE_ERRORS` when it cannot. The table
+        ``health`` keeps that one row: when the last check ran."""
         with self._transaction() as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY,"
                         " checked_at REAL NOT NULL)")
@@ -258,7 +248,7 @@ class StateDB(SelectionTable, JobTable):
         return [dict(r, detail=json.loads(r["detail"] or "{}")) for r in rows]
 
 
-def _add_missing_columns(cur: sqlite3.Cursor) -> None:
+def _add_missing_columns(cur: Any) -> None:
     """Add to each table of :data:`ADDED_COLUMNS` the columns an older DB lacks."""
     for table, columns in ADDED_COLUMNS.items():
         cur.execute(f"SELECT * FROM {table} LIMIT 0")  # table names are constants
@@ -268,11 +258,7 @@ def _add_missing_columns(cur: sqlite3.Cursor) -> None:
                 cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
 
-
-
-
-
-def _upsert_study(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
+def _upsert_study(cur: Any, rec: InstanceRecord) -> None:
     cur.execute(
         "INSERT INTO studies (study_uid, patient_id, patient_name, accession_number, study_date,"
         " study_description, calling_ae, first_received, last_received, state)"
@@ -284,7 +270,7 @@ def _upsert_study(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
     )
 
 
-def _upsert_series(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
+def _upsert_series(cur: Any, rec: InstanceRecord) -> None:
     cur.execute(
         "INSERT INTO series (series_uid, study_uid, modality, series_number, series_description,"
         " sop_class_uid, calling_ae, first_received, last_received, expected_frames, state)"
@@ -298,7 +284,7 @@ def _upsert_series(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
     )
 
 
-def _upsert_instance(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
+def _upsert_instance(cur: Any, rec: InstanceRecord) -> None:
     cur.execute(
         "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax,"
         " path, size, frames, acquisition_number, calling_ae, received_at, state)"
@@ -315,7 +301,7 @@ def _upsert_instance(cur: sqlite3.Cursor, rec: InstanceRecord) -> None:
     )
 
 
-def _recount(cur: sqlite3.Cursor, series_uid: str) -> tuple[int, int, int | None]:
+def _recount(cur: Any, series_uid: str) -> tuple[int, int, int | None]:
     """Set a series' instance, frame and byte counts from its stored instances.
 
     Returns (instances, frames, expected frames). The expected count comes from
@@ -336,14 +322,12 @@ def _recount(cur: sqlite3.Cursor, series_uid: str) -> tuple[int, int, int | None
     return count, frames, expected if acquisitions <= 1 else None
 
 
-def _complete_series(cur: sqlite3.Cursor, series_uid: str, study_uid: str, at: float,
+def _complete_series(cur: Any, series_uid: str, study_uid: str, at: float,
                      rule: str, **detail: Any) -> None:
     cur.execute(
         "UPDATE series SET state = ?, closed_by = ?, completed_at = ? WHERE series_uid = ?",
         (COMPLETE, rule, at, series_uid),
     )
     write_event(cur, "series_completed", study_uid, series_uid, None, rule=rule, **detail)
-
-
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiworker.store.events import write_event
+from aiworker.store.handoff import NoHandoff
 from aiworker.store.states import DONE, ERROR_KINDS, FAILED, QUEUED, RUNNING, SUPERSEDED
 
 
@@ -67,8 +69,9 @@ _BY_REF = ("SELECT * FROM jobs WHERE SUBSTR(job_id, 1, ?) = ? OR SUBSTR(job_key,
 class JobTable:
     """The job methods of the state DB (which gives the transaction and the query)."""
 
-    _transaction: Callable[[], AbstractContextManager[sqlite3.Cursor]]
-    _query: Callable[..., list[sqlite3.Row]]
+    _transaction: Callable[[], AbstractContextManager[Any]]
+    _query: Callable[..., list[Any]]
+    handoff: NoHandoff
 
     def jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
         """Jobs, oldest first; only one study's when ``study_uid`` is given."""
@@ -99,20 +102,31 @@ class JobTable:
         """Whether a job waits (a read, cheaper than :meth:`claim_job`'s write lock)."""
         return bool(self._query("SELECT 1 FROM jobs WHERE state = ? LIMIT 1", (QUEUED,)))
 
-    def claim_job(self) -> dict[str, Any] | None:
+    def claim_job(self, worker: str | None = None) -> dict[str, Any] | None:
         """Take the oldest queued job: it becomes ``running`` with one more attempt in a
-        single statement, so two workers never take the same job. None when none waits."""
+        single statement, so two workers never take the same job; ``worker`` (this process,
+        by default) is recorded as the one running it. None when none waits."""
+        return self._claim("state = ? AND job_id = (SELECT job_id FROM jobs WHERE state = ?"
+                           " ORDER BY created_at, job_id LIMIT 1)", (QUEUED, QUEUED), worker)
+
+    def claim_job_id(self, job_id: str, worker: str | None = None) -> dict[str, Any] | None:
+        """Take one job for an ``infer`` queue job: when queued, or when ``running`` (its
+        queue job is the only one of that job that runs - procrastinate's lock - so a running
+        row is one whose worker was killed). None when it is done, failed or superseded."""
+        return self._claim("job_id = ? AND state IN (?, ?)", (job_id, QUEUED, RUNNING), worker)
+
+    def _claim(self, where: str, params: tuple, worker: str | None) -> dict[str, Any] | None:
         now = time.time()
         with self._transaction() as cur:
             row = cur.execute(
                 "UPDATE jobs SET state = ?, started_at = ?, updated_at = ?, finished_at = NULL,"
-                " attempts = attempts + 1 WHERE state = ? AND job_id = (SELECT job_id FROM jobs"
-                " WHERE state = ? ORDER BY created_at, job_id LIMIT 1) RETURNING *",
-                (RUNNING, now, now, QUEUED, QUEUED),
+                f" attempts = attempts + 1, worker = ? WHERE {where} RETURNING *",
+                (RUNNING, now, now, worker or worker_name(), *params),
             ).fetchone()
             if row is not None:
                 write_event(cur, "job_started", row["study_uid"], row["series_uid"], None,
-                            job_id=row["job_id"], model=row["model"], attempt=row["attempts"])
+                            job_id=row["job_id"], model=row["model"], attempt=row["attempts"],
+                            worker=row["worker"])
         return None if row is None else job_row(row)
 
     def finish_job(self, job_id: str, findings: dict[str, Any], timings: dict[str, float],
@@ -131,6 +145,7 @@ class JobTable:
                  json.dumps(warnings or []), job_id, RUNNING),
             ).fetchone()
             if row is not None:
+                self.handoff.results(cur, job_id)
                 write_event(cur, "job_done", row["study_uid"], row["series_uid"], None,
                             job_id=job_id, model=row["model"], device=device, timings=timings)
         return row is not None
@@ -164,16 +179,19 @@ class JobTable:
                            (FAILED, kind, len(error_prefix), error_prefix))
         return [row["job_id"] for row in rows]
 
-    def requeue_running(self, reason: str = "restart") -> list[str]:
+    def requeue_running(self, reason: str = "restart", worker: str | None = None) -> list[str]:
         """Queue again every ``running`` job (its run was cut off: a crash, or the node
-        stopping mid-job); returns their ids."""
+        stopping mid-job), or only those ``worker`` runs; returns their ids."""
         now = time.time()
+        where, params = ("", ()) if worker is None else (" AND worker = ?", (worker,))
         with self._transaction() as cur:
             rows = cur.execute(
-                "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?"
-                " RETURNING job_id, study_uid, series_uid, model", (QUEUED, now, RUNNING),
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?" + where
+                + " RETURNING job_id, study_uid, series_uid, model", (QUEUED, now, RUNNING,
+                                                                    *params),
             ).fetchall()
             for row in rows:
+                self.handoff.infer(cur, row["job_id"])
                 write_event(cur, "job_requeued", row["study_uid"], row["series_uid"], None,
                             job_id=row["job_id"], model=row["model"], reason=reason)
         return [row["job_id"] for row in rows]
@@ -204,13 +222,19 @@ class JobTable:
                 "UPDATE jobs SET state = ?, updated_at = ?, finished_at = NULL, error = NULL,"
                 " error_kind = NULL, findings = NULL, device = NULL, result_dir = NULL"
                 " WHERE job_id = ?", (QUEUED, now, job["job_id"]))
+            self.handoff.infer(cur, job["job_id"])
             write_event(cur, "job_retried", job["study_uid"], job["series_uid"], None,
                         job_id=job["job_id"], model=job["model"], error_kind=job["error_kind"],
                         error=job["error"], attempts=job["attempts"])
         return job
 
 
-def job_row(row: sqlite3.Row) -> dict[str, Any]:
+def worker_name() -> str:
+    """This process, as jobs record who ran them: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def job_row(row: Any) -> dict[str, Any]:
     """A jobs row as a dict, its JSON columns parsed."""
     job = dict(row)
     job["inputs"] = json.loads(job["inputs"])
@@ -220,7 +244,7 @@ def job_row(row: sqlite3.Row) -> dict[str, Any]:
     return job
 
 
-def _only_job(ref: str, rows: list[sqlite3.Row]) -> dict[str, Any]:
+def _only_job(ref: str, rows: list[Any]) -> dict[str, Any]:
     """The one job ``ref`` names: an exact job_id wins over prefixes."""
     exact = [row for row in rows if row["job_id"] == ref]
     if exact or len(rows) == 1:
@@ -231,7 +255,7 @@ def _only_job(ref: str, rows: list[sqlite3.Row]) -> dict[str, Any]:
     raise JobError(f"{ref!r} names {len(rows)} jobs ({shown}): give more of the id")
 
 
-def queue_job(cur: sqlite3.Cursor, job: NewJob, now: float) -> tuple[str, bool]:
+def queue_job(cur: Any, job: NewJob, now: float) -> tuple[str, bool]:
     """Queue ``job`` unless its key is there; a superseded job wanted again is re-queued.
     Returns (job_id, whether a row was added)."""
     added = cur.execute(

@@ -2,7 +2,9 @@
 
 A job's result objects are files written (and fsynced) before their rows are added; a row
 keeps the object's path, never its bytes. Rows live in the state DB (:class:`StateDB`)
-next to the jobs, in the table ``outbox``, created on first use.
+next to the jobs, in the table ``outbox``, created on first use. Rows that become due defer
+their destination's ``outbox`` job in the same transaction (:mod:`aiworker.store.handoff`;
+on PostgreSQL).
 
 States: ``pending`` (waiting for ``next_attempt_at``), ``sending`` (claimed by the
 dispatcher), ``sent`` and ``dead`` (given up: the receiver said the object can never be
@@ -26,10 +28,10 @@ the horizon only when the receiver said the object can never be accepted. The ag
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiworker.store.db import StateDB
 
@@ -149,15 +151,19 @@ class Outbox:
                 ).fetchone()
                 if row is not None:
                     added.append(row["id"])
+            for destination in {obj.destination for obj in objects}:
+                self.db.handoff.outbox(cur, destination)
         return added
 
-    def recover(self, now: float | None = None) -> int:
-        """Make every ``sending`` row ``pending`` and due (its send was cut off by a crash
-        or a stop); returns how many."""
+    def recover(self, now: float | None = None, destination: str | None = None) -> int:
+        """Make every ``sending`` row (of ``destination`` only, when given) ``pending`` and
+        due: its send was cut off by a crash or a stop. Returns how many."""
         now = time.time() if now is None else now
+        where, params = ("", ()) if destination is None else (" AND destination = ?",
+                                                              (destination,))
         with self.db.transaction() as cur:
             cur.execute("UPDATE outbox SET state = ?, next_attempt_at = ?, updated_at = ?"
-                        " WHERE state = ?", (PENDING, now, now, SENDING))
+                        " WHERE state = ?" + where, (PENDING, now, now, SENDING, *params))
             return cur.rowcount
 
     def due_destinations(self, now: float) -> list[str]:
@@ -209,6 +215,7 @@ class Outbox:
                 cur.execute("UPDATE outbox SET state = ?, attempts = attempts + 1,"
                             " next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
                             (PENDING, retry_at, error, now, row_id))
+                self.db.handoff.outbox(cur, row["destination"], retry_at)
         return dead
 
     def policy_for(self, destination: str) -> RetryPolicy:
@@ -273,10 +280,13 @@ class Outbox:
     def _requeue(self, where: str, params: list, now: float) -> int:
         """Rows matching ``where`` become pending and due, with a fresh retry window."""
         with self.db.transaction() as cur:
-            cur.execute("UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ?,"
-                        " queued_at = ?, updated_at = ?, sent_at = NULL WHERE " + where,
-                        (PENDING, now, now, now, *params))
-            return cur.rowcount
+            destinations = cur.execute(
+                "UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ?,"
+                " queued_at = ?, updated_at = ?, sent_at = NULL WHERE " + where
+                + " RETURNING destination", (PENDING, now, now, now, *params)).fetchall()
+            for destination in {row["destination"] for row in destinations}:
+                self.db.handoff.outbox(cur, destination)
+            return len(destinations)
 
 
 def _check(obj: NewObject) -> None:
@@ -288,5 +298,5 @@ def _check(obj: NewObject) -> None:
                          f"not {obj.object_kind!r}")
 
 
-def _row(row: sqlite3.Row) -> OutboxRow:
+def _row(row: Any) -> OutboxRow:
     return OutboxRow(**dict(row))

@@ -1,4 +1,5 @@
-"""The state DB's tables: plain SQL that PostgreSQL also accepts, and the columns added to
+"""The state DB's tables, in the SQLite dialect :mod:`aiworker.store.backend` also runs
+on PostgreSQL, and the columns added to
 a table after its first release, which an older DB gets at start."""
 
 SCHEMA = """
@@ -89,7 +90,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_kind  TEXT,
     result_dir  TEXT,
     dispatched_at REAL,
-    warnings    TEXT
+    warnings    TEXT,
+    worker      TEXT
+);
+CREATE TABLE IF NOT EXISTS workers (
+    worker     TEXT PRIMARY KEY,
+    queues     TEXT NOT NULL,
+    devices    TEXT,
+    started_at REAL NOT NULL,
+    seen_at    REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -101,5 +110,5 @@ ADDED_COLUMNS = {
     "jobs": {"started_at": "REAL", "finished_at": "REAL",
              "attempts": "INTEGER NOT NULL DEFAULT 0", "device": "TEXT", "timings": "TEXT",
              "findings": "TEXT", "error": "TEXT", "error_kind": "TEXT", "result_dir": "TEXT",
-             "dispatched_at": "REAL", "warnings": "TEXT"},
+             "dispatched_at": "REAL", "warnings": "TEXT", "worker": "TEXT"},
 }

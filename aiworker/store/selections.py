@@ -10,7 +10,6 @@ decision no longer wants becomes ``superseded``.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiworker.store.events import write_event
+from aiworker.store.handoff import NoHandoff
 from aiworker.store.jobs import NewJob, queue_job
 from aiworker.store.states import COMPLETE, QUEUED, STORED, SUPERSEDED
 
@@ -34,8 +34,9 @@ class SelectionRecord:
 class SelectionTable:
     """The selection methods of the state DB (which gives the transaction and the query)."""
 
-    _transaction: Callable[[], AbstractContextManager[sqlite3.Cursor]]
-    _query: Callable[..., list[sqlite3.Row]]
+    _transaction: Callable[[], AbstractContextManager[Any]]
+    _query: Callable[..., list[Any]]
+    handoff: NoHandoff
 
     def awaiting_selection(self, pipelines: list[str]) -> list[tuple[str, float, list[str]]]:
         """Complete studies that lack a decision of some pipeline for their latest
@@ -86,6 +87,8 @@ class SelectionTable:
                  json.dumps(explanation)),
             )
             job_id, created = queue_job(cur, job, now) if job else (None, False)
+            if job_id is not None:
+                self.handoff.infer(cur, job_id)
             superseded = [r["job_id"] for r in cur.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE study_uid = ? AND pipeline = ?"
                 " AND state = ? AND job_key <> ? RETURNING job_id",

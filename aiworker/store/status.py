@@ -42,7 +42,15 @@ def status_report(db: StateDB, problems: int = 10, study_uid: str | None = None,
             study["patient"] = {"name": row["patient_name"], "id": row["patient_id"],
                                 "accession_number": row["accession_number"],
                                 "study_date": row["study_date"]}
-    return {"studies": shown, "problems": [problem_json(e) for e in recent]}
+    return {"studies": shown, "problems": [problem_json(e) for e in recent],
+            "workers": [worker_json(w) for w in db.workers()]}
+
+
+def worker_json(worker: dict[str, Any]) -> dict[str, Any]:
+    """The stable ``status --json`` shape of one worker of a shared state."""
+    return {"worker": worker["worker"], "queues": worker["queues"],
+            "devices": worker["devices"], "started_at": when(worker["started_at"]),
+            "seen_s": worker["seen_s"]}
 
 
 def when(epoch: float | None) -> str | None:
@@ -153,7 +161,8 @@ def job_json(job: dict[str, Any]) -> dict[str, Any]:
             "started_at": when(job["started_at"]), "finished_at": when(job["finished_at"]),
             "attempts": job["attempts"], "device": job["device"], "timings": job["timings"],
             "findings": job["findings"], "error_kind": job["error_kind"], "error": job["error"],
-            "result_dir": job["result_dir"], "warnings": job["warnings"]}
+            "result_dir": job["result_dir"], "warnings": job["warnings"],
+            "worker": job.get("worker")}
 
 
 # --- how far a study got --------------------------------------------------------------

@@ -90,7 +90,7 @@ class WebServer:
         return sock
 
 
-def node_web_server(config: Config, db_path: Path, receiver: Any, inferrer: Any
+def node_web_server(config: Config, db_path: Path | str, receiver: Any, inferrer: Any
                     ) -> WebServer | None:
     """The node's web server (None with ``web.enabled: false``): the app over its state DB
     with the node's readiness checks, ``scp`` and ``models``, beside the built-in ones."""
@@ -98,8 +98,10 @@ def node_web_server(config: Config, db_path: Path, receiver: Any, inferrer: Any
         return None
     from aiworker.web.app import create_app
 
-    app = create_app(db_path, config, {"models": models_probe(inferrer),
-                                       "scp": scp_probe(receiver, config.node.port)})
+    probes = {"models": models_probe(inferrer)}
+    if receiver is not None:  # an ``aiworker worker`` receives nothing
+        probes["scp"] = scp_probe(receiver, config.node.port)
+    app = create_app(db_path, config, probes)
     server = WebServer(app, config.web.host, config.web.port)
     try:
         check_exposure(config)
