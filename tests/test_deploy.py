@@ -671,7 +671,7 @@ def test_orthanc_routes_a_knee_mr_study_to_the_node_and_gets_the_results_back(tm
         run_the_route(node, orthanc, tmp_path)
     finally:
         node.close()
-        orthanc.stop()
+        orthanc.kill()
 
 
 def run_the_route(node: NodeProcess, orthanc: OrthancProcess, tmp_path: Path) -> None:

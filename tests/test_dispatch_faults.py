@@ -240,6 +240,9 @@ def sender(state: Path, port: int, acse_s: float) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True)
 
 
+PACS_DIMSE_TIMEOUT_S = 5  # storescp's; the frozen sender's association ends after it
+
+
 @needs_dcmtk
 @pytest.mark.parametrize("freeze", [False, True], ids=["kill", "half-open"])
 def test_a_sender_killed_mid_send_to_a_one_association_pacs_delivers_after_restart(
@@ -257,8 +260,8 @@ def test_a_sender_killed_mid_send_to_a_one_association_pacs_delivers_after_resta
     db.close()
     storescp = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), "+B", "+uf", "--acse-timeout", "5",
-         "--dimse-timeout", "10", str(port)], env=dcmtk_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+         "--dimse-timeout", str(PACS_DIMSE_TIMEOUT_S), str(port)], env=dcmtk_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: port_open(port), 10, "storescp to listen")
         first = sender(state, port, 3)
@@ -269,7 +272,8 @@ def test_a_sender_killed_mid_send_to_a_one_association_pacs_delivers_after_resta
         assert second.stdout is not None
         assert int(second.stdout.readline().split()[1]) > 0  # rows left sending recovered
         if freeze:
-            time.sleep(15)  # a host gone for 15 s, then its socket closes
+            # a host gone for longer than the PACS's DIMSE timeout, then its socket closes
+            time.sleep(PACS_DIMSE_TIMEOUT_S + 2)
             first.kill()
         first.wait(10)
         assert second.wait(180) == 0
