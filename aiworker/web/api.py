@@ -1,5 +1,6 @@
-"""The JSON REST API under ``/api``: studies, series, jobs, outbox, failures; resend and
-retry as POSTs that need ``Authorization: Bearer <web.token>`` (see :mod:`.auth`).
+"""The JSON REST API under ``/api``: studies, series, jobs, outbox, failures; resend,
+retry and a study's de-identified export (:mod:`.export`) as POSTs that need
+``Authorization: Bearer <web.token>`` (see :mod:`.auth`).
 
 Study, series, job and outbox objects have the shapes of ``aiworker status --json``; a
 study adds ``stage`` (one of :data:`~aiworker.store.dashboard.STAGES`), ``destinations``,
@@ -13,9 +14,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 
+from aiworker.export.deid import PROFILES
+from aiworker.export.export import ExportError
 from aiworker.store.dashboard import STAGES
 from aiworker.store.layout import PREVIEW_FILE, REPORT_FILE
 from aiworker.web.auth import require_token
+from aiworker.web.export import BadProfile, NoExport, export_study
 from aiworker.web.views import Conflict, NotFound, Views
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -134,3 +138,20 @@ def resend_study(study_uid: str, request: Request, v: ViewsDep
              responses={409: {"description": "the job is not failed"}})
 def retry_job(job_id: str, request: Request, v: ViewsDep) -> dict[str, Any]:
     return _found(v.retry_job, job_id, client(request))
+
+
+@router.post("/studies/{study_uid}/export", summary="Export a study de-identified, on the node",
+             dependencies=[Depends(require_token)],
+             responses={404: {"description": "the study has no done job"},
+                        422: {"description": "unknown profile"}})
+def export_study_api(study_uid: str, request: Request, profile: Annotated[str, Query(
+        description=f"one of {', '.join(PROFILES)}")] = "basic") -> dict[str, Any]:
+    """The study's source series and the node's SEG, SR and SC, de-identified per DICOM
+    PS3.15 with ``profile`` into the node's ``exports/`` folder, the mapping beside it; the
+    answer is the export's report (folder, files, options, burned-in annotation, mapping)."""
+    try:
+        return export_study(request, study_uid, profile).as_dict()
+    except BadProfile as exc:
+        raise HTTPException(422, str(exc)) from exc
+    except (NoExport, ExportError) as exc:
+        raise HTTPException(404, str(exc)) from exc

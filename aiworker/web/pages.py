@@ -3,12 +3,13 @@
 ``/`` studies (newest first, filter by stage, search by Study Instance UID or accession
 number, each with its timeline and destinations); ``/studies/{uid}``
 one study (series table with the selection's verdicts, the decision, findings, text
-report, preview image, outbox rows with resend buttons); ``/failures`` failed jobs, dead
-outbox rows and problem events; ``/outbox`` every outbox row, by state and destination;
-``/login`` the form that sets the session cookie (``web.auth: token``). The list, a study
-and the outbox reload themselves every ``web.refresh_s`` (the header's box turns it off
-for the browser). The buttons post a form with the operator's token
-(:mod:`.auth`) and come back to the page with a notice of what happened.
+report, preview image, outbox rows with resend buttons, the research export's button);
+``/failures`` failed jobs, dead outbox rows and problem events; ``/outbox`` every outbox
+row, by state and destination; ``/login`` the form that sets the session cookie
+(``web.auth: token``). The list, a study and the outbox reload themselves every
+``web.refresh_s`` (the header's box turns it off for the browser). The buttons post a
+form with the operator's token (:mod:`.auth`) and come back to the page with a notice of
+what happened (the export's downloads its zip instead).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from starlette.background import BackgroundTask
 
+from aiworker.export.export import ExportError
 from aiworker.store.dashboard import STAGES
 from aiworker.web.api import client
 from aiworker.web.auth import COOKIE, TokenRefused, check_token, safe_next, session_value
+from aiworker.web.export import BadProfile, NoExport, export_study, zipped
 from aiworker.web.views import Conflict, NotFound, Views
 
 router = APIRouter(include_in_schema=False)
@@ -35,10 +39,11 @@ NOTICES = {
     "retried": "The job is queued again: the node runs it next.",
     "disabled": "Resend and retry are off on this node: set web.token in its config "
                 "(or use `aiworker resend` / `aiworker retry` on the node).",
-    "missing": "Enter the node's token (web.token) to resend or retry.",
-    "wrong": "Wrong token: nothing was queued.",
+    "missing": "Enter the node's token (web.token) to resend, retry or export.",
+    "wrong": "Wrong token: nothing was queued or exported.",
     "conflict": "Nothing to do: it is on its way already (pending or sending), or not failed.",
     "notfound": "Not found: it may have been removed.",
+    "noexport": "Nothing exported: the study has no done job (or the profile is unknown).",
 }
 
 
@@ -204,3 +209,22 @@ def resend_outbox_form(request: Request, row_id: int, token: str = Form("")
 @router.post("/failures/jobs/{job_id}/retry")
 def retry_job_form(request: Request, job_id: str, token: str = Form("")) -> RedirectResponse:
     return _act(request, token, "/failures", "retried", _views(request).retry_job, job_id)
+
+
+@router.post("/studies/{study_uid}/export", response_model=None)
+def export_form(request: Request, study_uid: str, token: str = Form(""),
+                profile: str = Form("basic")) -> FileResponse | RedirectResponse:
+    """The study page's export button: the de-identified export as a zip download (made
+    in the node's ``exports/``, :mod:`.export`), or back to the page saying why not."""
+    back = f"/studies/{quote(study_uid)}"
+    try:
+        check_token(request.app.state.web.config.web.token, token)
+        report = export_study(request, study_uid, profile)
+    except TokenRefused as refused:
+        return RedirectResponse(f"{back}?notice={refused.code}", status_code=303)
+    except (BadProfile, NoExport, ExportError):
+        return RedirectResponse(f"{back}?notice=noexport", status_code=303)
+    archive = zipped(Path(report.out_dir))
+    return FileResponse(archive, media_type="application/zip",
+                        filename=f"{Path(report.out_dir).name}.zip",
+                        background=BackgroundTask(archive.unlink, missing_ok=True))
