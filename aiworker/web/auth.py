@@ -94,6 +94,17 @@ def trusted(host: str | None, proxies: list[str]) -> bool:
     return any(address in ipaddress.ip_network(p, strict=False) for p in proxies)
 
 
+def via_https(request: Request) -> bool:
+    """Whether the browser reached the node over HTTPS: directly, or through one of
+    ``web.trusted_proxies`` that says so in ``X-Forwarded-Proto`` (the node's own proxy
+    handling: uvicorn's ``proxy_headers`` are off, see :mod:`.server`)."""
+    if request.url.scheme == "https":
+        return True
+    peer = request.client.host if request.client else None
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return forwarded == "https" and trusted(peer, request.app.state.web.config.web.trusted_proxies)
+
+
 def reader(request: Request) -> str | None:
     """Who is reading: ``"token"``, the proxy's user name, or None when no sign-in is
     asked (``web.auth: none``, or an open path). Raises :class:`TokenRefused` when the

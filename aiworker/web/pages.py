@@ -27,7 +27,14 @@ from starlette.background import BackgroundTask
 from aiworker.export.export import ExportError
 from aiworker.store.dashboard import STAGES
 from aiworker.web.api import client
-from aiworker.web.auth import COOKIE, TokenRefused, check_token, safe_next, session_value
+from aiworker.web.auth import (
+    COOKIE,
+    TokenRefused,
+    check_token,
+    safe_next,
+    session_value,
+    via_https,
+)
 from aiworker.web.export import BadProfile, NoExport, export_study, zipped
 from aiworker.web.views import Conflict, NotFound, Views
 
@@ -140,7 +147,7 @@ def login(request: Request, token: str = Form(""), next: str = Form("/")
         return RedirectResponse(f"/login?failed=1&next={quote(target)}", status_code=303)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(COOKIE, session_value(configured), httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", path="/")
+                        secure=via_https(request), path="/")
     return response
 
 

@@ -4,6 +4,11 @@ The port is bound here first, so a port in use is a clear :class:`WebError` at s
 node exits 1) instead of a log line from inside uvicorn; uvicorn then serves on that
 socket until :meth:`WebServer.stop` sets its ``should_exit``. Uvicorn's access log is off
 (the node's log stays PHI-free and quiet); its errors go to the node's log.
+
+uvicorn's ``proxy_headers`` are off: the client address the app sees is the TCP peer, and
+the node itself decides whom to believe (``web.trusted_proxies``, :mod:`.auth`). With them
+on, uvicorn would replace a same-host proxy's address by its ``X-Forwarded-For`` first, so
+``web.auth: header`` would refuse the proxy's users and believe a forged header.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class WebServer:
         self.port = port
         self.server = uvicorn.Server(uvicorn.Config(
             app, log_config=None, log_level="warning", access_log=False, lifespan="on",
-            timeout_graceful_shutdown=5))
+            timeout_graceful_shutdown=5, proxy_headers=False))
         self._thread: threading.Thread | None = None
         self.refusal: WebError | None = None  # a reason not to start, raised by start()
 
