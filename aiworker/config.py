@@ -67,8 +67,11 @@ class Node(_Section):
                                      "connection) on which nothing arrives for this long")
     acse_timeout_s: float = Field(30.0, gt=0, description="a connection must send its "
                                   "A-ASSOCIATE-RQ (and finish TLS) within this (ARTIM timer)")
-    dimse_timeout_s: float = Field(60.0, gt=0, description="wait this long for the rest of "
-                                   "a DIMSE message once it has begun")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="pynetdicom's DIMSE timeout: "
+                                   "how long an association waits for a DIMSE message or "
+                                   "response it expects; receiving C-STORE and C-ECHO never "
+                                   "waits on it (a C-STORE that stops half way is cut by "
+                                   "network_timeout_s)")
     allowed_callers: list[AllowedCaller] = []
     tls: TLS = TLS()
 
