@@ -202,7 +202,7 @@ def test_status_shows_each_decision_its_job_and_the_reasons(spooled, tmp_path):
         "updated_at": decision["jobs"][0]["updated_at"],
         "started_at": None, "finished_at": None, "attempts": 0, "device": None,
         "timings": None, "findings": None, "error_kind": None, "error": None,
-        "result_dir": None, "warnings": []}]
+        "result_dir": None, "warnings": [], "worker": None}]
     [series] = short["series"]
     assert series["selection"] == {"knee/main": {"matched": True,
                                                  "reason": "chosen: meets every condition"}}
