@@ -35,7 +35,7 @@ import kubernetes_validate
 import pydicom
 import pytest
 import yaml
-from kubernetes_validate.utils import latest_version
+from k8s_support import K8S_VERSIONS, kubectl_kustomize, needs_kubectl, validate_k8s
 from support import (
     REPO,
     NodeProcess,
@@ -67,7 +67,6 @@ INSTALL = REPO / "scripts" / "install.sh"
 IMAGE_CONFIG = "/etc/aiworker/aiworker.yaml"  # where the image reads its YAML
 # the Kubernetes versions the manifests must validate against: a widely run one and the
 # newest kubernetes-validate ships
-K8S_VERSIONS = sorted({"1.33.0", latest_version()})
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
@@ -764,15 +763,6 @@ def resource(kind: str, name: str, resources: list[dict[str, Any]] | None = None
     return found
 
 
-def validate_k8s(doc: dict[str, Any]) -> None:
-    for version in K8S_VERSIONS:
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            where = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (Kubernetes {version}): "
-                        f"{where}: {exc.message}")
-
 
 def test_the_base_kustomization_lists_every_manifest_in_the_folder():
     listed = kustomization(K8S_BASE)["resources"]
@@ -970,17 +960,6 @@ def test_the_network_policy_lets_dicom_in_from_anywhere_web_from_two_namespaces_
     assert port_numbers(destinations) == {d.port for d in config.destinations.values()}
     assert all(p["protocol"] == "TCP" for p in destinations["ports"])
 
-
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                   reason="kubectl (its built-in kustomize) is not installed")
-
-
-def kubectl_kustomize(folder: Path) -> list[dict[str, Any]]:
-    """``kubectl kustomize folder``: what ``kubectl apply -k`` would send."""
-    proc = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 def rendered_config_name(docs: list[dict[str, Any]]) -> str:

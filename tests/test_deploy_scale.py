@@ -19,20 +19,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
-from kubernetes_validate.utils import latest_version
+from k8s_support import kubectl_kustomize, needs_kubectl, validate_k8s
 from support import REPO
 
-from aiworker.config import Config, load_config
+from aiworker.config import load_config
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 ORTHANC_JSON = DEPLOY / "orthanc" / "orthanc.json"
 COMPOSE_SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 IMAGE_CONFIG = "/etc/aiworker/aiworker.yaml"  # where the image reads its YAML
-K8S_VERSIONS = sorted({"1.33.0", latest_version()})  # as test_deploy.py
 SCALE_COMPOSE = DEPLOY / "compose.scale.yml"
 AIWORKER_SERVICES = {"receiver-1", "receiver-2", "worker", "worker-infer", "worker-gpu"}
 STAGE_QUEUES = "select,results,outbox"
@@ -134,12 +132,8 @@ def test_workers_split_the_queues_and_the_gpu_one_reserves_a_gpu_behind_a_profil
 
 
 def node_environment(service: dict[str, Any]) -> dict[str, str]:
-    """A service's AIWORKER_ variables with compose's defaults substituted; the state URL
-    only once the config knows the ``state`` section."""
-    env = {k: substituted(str(v)) for k, v in service["environment"].items()}
-    if "state" not in Config.model_fields:
-        env.pop("AIWORKER_STATE__URL")
-    return env
+    """A service's AIWORKER_ variables with compose's defaults substituted."""
+    return {k: substituted(str(v)) for k, v in service["environment"].items()}
 
 
 @pytest.mark.parametrize("name", sorted(AIWORKER_SERVICES))
@@ -147,8 +141,7 @@ def test_each_scale_container_gets_a_valid_node_config(name):
     service = scale_compose()["services"][name]
     config = load_config(DEPLOY / "aiworker.compose.yaml", environ=node_environment(service))
     assert str(config.storage.data_dir) == "/data"
-    if "state" in Config.model_fields:
-        assert str(config.state.url).startswith("postgresql://aiworker:")
+    assert str(config.state.url).startswith("postgresql://aiworker:")
     device = service["environment"].get("AIWORKER_INFERENCE__DEVICE")
     assert device is None or config.inference.device == device
 
@@ -156,26 +149,6 @@ def test_each_scale_container_gets_a_valid_node_config(name):
 # --- Kubernetes ---------------------------------------------------------------------------
 
 
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                   reason="kubectl (its built-in kustomize) is not installed")
-
-
-def kubectl_kustomize(folder: Path) -> list[dict[str, Any]]:
-    """``kubectl kustomize folder``: what ``kubectl apply -k`` would send."""
-    proc = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
-
-
-def validate_k8s(doc: dict[str, Any]) -> None:
-    for version in K8S_VERSIONS:
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            where = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (Kubernetes {version}): "
-                        f"{where}: {exc.message}")
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
