@@ -314,6 +314,10 @@ class State(_Section):
 
     url: str | None = Field(None, description="postgresql://USER[:PASS]@HOST:PORT/DB; "
                             "unset: the SQLite file under storage.data_dir")
+    busy_timeout_s: float = Field(10.0, gt=0, description="SQLite: how long a write waits "
+                                  "while another process (aiworker retry, purge, a script) "
+                                  "holds the state DB's write lock; then it fails, e.g. a "
+                                  "C-STORE answers 0xC214")
 
     @field_validator("url")
     @classmethod

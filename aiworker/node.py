@@ -97,7 +97,7 @@ class Node:
             self.lock.acquire()
         folder_lock = self.lock.shared() if self.lock is not None else None
         self.spool = Spool(self.paths.spool, fsync=config.storage.fsync)
-        self.db = StateDB(state_location(config))
+        self.db = StateDB(state_location(config), config.state.busy_timeout_s)
         self.scheduler = CompletionScheduler(self.db, config.completion.series_stable_seconds)
         self.stages: list[Any] = []  # the job side: polling stages, or a queue worker
         self.inferrer: Any = ReceiveOnly()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+import time
 from pathlib import Path
 
 import pydicom
@@ -134,21 +135,26 @@ def test_spool_refuses_a_file_that_does_not_read_back(tmp_path: Path, fsync: boo
     assert temp.read_bytes() == b"header" + b"data set bytes" * 100 and size == 1406
 
 
-def test_state_db_locked_is_c214_with_a_comment(node, make_study) -> None:
-    """The state DB held by another writer past its busy timeout: the instance cannot be
-    recorded (0xC214) and neither can the refusal; the answer still names the node's code
-    and reason (a handler that raised would give pynetdicom's own 0xC211, no comment)."""
+def test_state_db_locked_is_c214_with_a_comment(node_factory, make_study) -> None:
+    """The state DB held by another writer past its busy timeout (state.busy_timeout_s, 1 s
+    here): the instance cannot be recorded (0xC214) and neither can the refusal; the answer
+    still names the node's code and reason (a handler that raised would give pynetdicom's
+    own 0xC211, no comment)."""
+    node = node_factory(state={"busy_timeout_s": 1})
     study = make_study(series=1, slices=1)
     blocker = sqlite3.connect(node.db_path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        response = _store_waiting(node.port, study.files[0], 120)
+        started = time.monotonic()
+        response = _store_waiting(node.port, study.files[0], 60)
+        waited = time.monotonic() - started
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     assert response.Status == scp.DB_FAILED, f"0x{response.Status:04X}"
     assert "state DB error" in response.ErrorComment
     assert "cannot record the refusal in the state DB" in node.log_text()
+    assert 1.0 <= waited < 10.0, f"answered after {waited:.2f} s, not after state.busy_timeout_s"
     [again] = raw_store(node.port, study.files)  # once the DB is free, the resend is stored
     assert again.Status == 0x0000
     assert node.instance_count() == 1
@@ -156,7 +162,7 @@ def test_state_db_locked_is_c214_with_a_comment(node, make_study) -> None:
 
 def _store_waiting(port: int, path: Path, seconds: float):
     """C-STORE one file, waiting up to ``seconds`` for the answer (the node's DB waits out
-    its busy timeout, 10 s, once per thread that wants it)."""
+    its busy timeout once per write that wants it)."""
     from pynetdicom import AE
 
     ae = AE(ae_title="RAWSCU")

@@ -121,7 +121,7 @@ def node_db(config: Path | Config, command: str, why_empty: str) -> StateDB:
                   markup=False)
         raise typer.Exit(1)
     try:
-        return StateDB(where)
+        return StateDB(where, cfg.state.busy_timeout_s)
     except STATE_ERRORS as exc:
         err.print(f"{command}: cannot open the state at {describe(where)}: "
                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",

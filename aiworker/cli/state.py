@@ -37,7 +37,8 @@ def status(config: ConfigOption = DEFAULT_CONFIG,
 
     cfg = read_config(config)
     where = state_location(cfg)
-    db = StateDB(where) if not isinstance(where, Path) or where.exists() else None
+    db = (StateDB(where, cfg.state.busy_timeout_s)
+          if not isinstance(where, Path) or where.exists() else None)
     report = status_report(db, problems) if db else {"studies": [], "problems": []}
     studies = report["studies"]
     if as_json:

@@ -92,7 +92,8 @@ def _serve(config_data: dict[str, Any], parent_pid: int, listening: Any,
     logs.setup(config.logging.level, config.logging.format, config.logging.verbose)
     paths = DataPaths(config.storage.data_dir)
     receiver = Receiver(config, Spool(paths.spool, fsync=config.storage.fsync),
-                        StateDB(state_location(config)), shared_port=True)
+                        StateDB(state_location(config), config.state.busy_timeout_s),
+                        shared_port=True)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop

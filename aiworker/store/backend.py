@@ -149,7 +149,8 @@ class SqliteBackend:
 
     kind = "sqlite"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, busy_timeout_s: float = 10.0):
+        """``busy_timeout_s``: how long a write waits for another writer's lock."""
         self.location = Path(path)
         self.location.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.location, check_same_thread=False,
@@ -157,7 +158,7 @@ class SqliteBackend:
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._conn.execute(f"PRAGMA busy_timeout={round(busy_timeout_s * 1000)}")
         self._lock = threading.Lock()
 
     @contextmanager
@@ -213,10 +214,11 @@ class PostgresBackend:
 Backend = SqliteBackend | PostgresBackend
 
 
-def open_backend(location: Path | str) -> Backend:
-    """The backend of ``location``: a PostgreSQL URL, else the path of a SQLite file."""
+def open_backend(location: Path | str, busy_timeout_s: float = 10.0) -> Backend:
+    """The backend of ``location``: a PostgreSQL URL, else the path of a SQLite file (whose
+    writes wait up to ``busy_timeout_s`` for another writer)."""
     if is_postgres(location):
         return PostgresBackend(str(location))
     if isinstance(location, str) and "://" in location:
         check_url(location)  # raises, naming the scheme
-    return SqliteBackend(Path(location))
+    return SqliteBackend(Path(location), busy_timeout_s)

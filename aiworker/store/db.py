@@ -64,9 +64,10 @@ class StateDB(SelectionTable, JobTable, WorkerTable):
     selections (:class:`~aiworker.store.selections.SelectionTable`) and the job lifecycle
     (:class:`~aiworker.store.jobs.JobTable`) in their own modules."""
 
-    def __init__(self, location: Path | str):
-        """``location``: the SQLite file's path, or a ``postgresql://`` URL."""
-        self.backend = open_backend(location)
+    def __init__(self, location: Path | str, busy_timeout_s: float = 10.0):
+        """``location``: the SQLite file's path, or a ``postgresql://`` URL; on SQLite a write
+        waits up to ``busy_timeout_s`` for another writer (``state.busy_timeout_s``)."""
+        self.backend = open_backend(location, busy_timeout_s)
         self.location = self.backend.location
         self.path = self.location  # the SQLite file (a URL on PostgreSQL)
         self.handoff: NoHandoff = handoff_for(self.backend.kind)

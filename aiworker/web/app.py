@@ -52,7 +52,7 @@ def create_app(db: StateDB | Path | str, config: Config,
     shutdown). ``probes`` are readiness checks beside the built-in ``database`` and
     ``disk`` ones (the node adds ``models`` and ``scp``)."""
     owned = not isinstance(db, StateDB)
-    state_db = StateDB(db) if owned else db
+    state_db = StateDB(db, config.state.busy_timeout_s) if owned else db
     stow_store = stow_instances(config, state_db) if config.web.stow_enabled else None
 
     @asynccontextmanager
