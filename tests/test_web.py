@@ -99,6 +99,8 @@ def test_the_api_shows_the_study_sent_with_its_timeline_series_jobs_and_outbox(s
                                      ("ris", "hl7", "sent", 1)]
     failures = http.get("/api/failures").json()
     assert failures["jobs"] == [] and failures["dead"] == []
+    assert http.get("/api/workers").json() == []  # SQLite: one process, no workers
+    assert "its own SQLite file" in http.get("/workers").text
     kinds = {(e["kind"], e["calling_ae"], e["status"]) for e in failures["events"]}
     assert ("association_rejected", "MALLORY", None) in kinds
     assert ("store_failed", SENDER, "0xC211") in kinds

@@ -60,9 +60,8 @@ class StageRunners:
     def select(self, study_uid: str) -> None:
         assert self.selector is not None
         names = [p.name for p in self.selector.pipelines]
-        for uid, completed_at, owed in self.db.awaiting_selection(names):
-            if uid == study_uid:
-                self.selector.select_study(uid, completed_at, owed)
+        for uid, completed_at, owed in self.db.awaiting_selection(names, study_uid):
+            self.selector.select_study(uid, completed_at, owed)
 
     def infer(self, job_id: str) -> None:
         assert self.inferrer is not None
@@ -71,7 +70,7 @@ class StageRunners:
 
     def results(self, job_id: str) -> None:
         assert self.outbox is not None
-        jobs = [job for job in self.db.jobs_to_dispatch() if job["job_id"] == job_id]
+        jobs = self.db.jobs_to_dispatch(job_id)
         if not jobs or self.outbox.queue_job(jobs[0]):
             return
         pipeline = self.outbox.pipelines.get(jobs[0]["pipeline"])
@@ -81,6 +80,10 @@ class StageRunners:
     def send(self, destination: str) -> None:
         assert self.outbox is not None
         self.outbox.send_due(destination)
+
+    def models(self) -> list[str]:
+        """The models an ``infer`` worker holds (resident once loaded)."""
+        return sorted(self.inferrer.settings.models) if self.inferrer else []
 
     def devices(self) -> dict[str, str]:
         """Each resident model's device (``infer`` workers, once loaded)."""

@@ -10,6 +10,7 @@ are deferred in one transaction.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from aiworker.store.db import StateDB
 from aiworker.store.handoff import defer, job_lock
@@ -17,13 +18,26 @@ from aiworker.store.outbox import PENDING
 from aiworker.store.states import QUEUED
 
 
-def owed_jobs(db: StateDB, pipelines: list[str], now: float) -> list[tuple[str, str]]:
-    """(queue, id) of every job the state owes, oldest first within each queue."""
-    owed = [("select", uid) for uid, _, _ in db.awaiting_selection(pipelines)]
-    owed += [("infer", row["job_id"]) for row in db.query(
-        "SELECT job_id FROM jobs WHERE state = ? ORDER BY created_at", (QUEUED,))]
-    owed += [("results", job["job_id"]) for job in db.jobs_to_dispatch()]
-    owed += [("outbox", row["destination"]) for row in db.query(
+@dataclass(frozen=True)
+class OwedJob:
+    """A job the state owes: its queue, the id it carries, and (``infer``) its model."""
+
+    queue: str
+    ident: str
+    model: str | None = None
+
+    @property
+    def lock(self) -> str:
+        return job_lock(self.queue, self.ident)
+
+
+def owed_jobs(db: StateDB, pipelines: list[str], now: float) -> list[OwedJob]:
+    """Every job the state owes, oldest first within each queue."""
+    owed = [OwedJob("select", uid) for uid, _, _ in db.awaiting_selection(pipelines)]
+    owed += [OwedJob("infer", row["job_id"], row["model"]) for row in db.query(
+        "SELECT job_id, model FROM jobs WHERE state = ? ORDER BY created_at", (QUEUED,))]
+    owed += [OwedJob("results", job["job_id"]) for job in db.jobs_to_dispatch()]
+    owed += [OwedJob("outbox", row["destination"]) for row in db.query(
         "SELECT DISTINCT destination FROM outbox WHERE state = ? AND next_attempt_at <= ?",
         (PENDING, now))]
     return owed
@@ -36,12 +50,8 @@ def sweep(db: StateDB, pipelines: list[str], now: float | None = None) -> list[s
     with db.transaction() as cur:
         busy = {row["lock"] for row in cur.execute(
             "SELECT lock FROM procrastinate_jobs WHERE status IN ('todo', 'doing')").fetchall()}
-        for queue, ident in owed:
-            if job_lock(queue, ident) not in busy:
-                defer(cur, queue, ident, {_ARG[queue]: ident})
-                deferred.append(job_lock(queue, ident))
+        for job in owed:
+            if job.lock not in busy:
+                defer(cur, job.queue, job.ident, model=job.model)
+                deferred.append(job.lock)
     return deferred
-
-
-_ARG = {"select": "study_uid", "infer": "job_id", "results": "job_id",
-        "outbox": "destination"}

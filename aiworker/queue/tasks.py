@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import procrastinate
 
 from aiworker.queue.runners import StageRunners
-from aiworker.store.handoff import TASKS
+from aiworker.store.handoff import JOB_ARGS, TASKS
 
 RETRY_WAIT_S = 2
 RETRY_ATTEMPTS = 30
@@ -30,15 +30,15 @@ def build_app(url: str, runners: StageRunners, infer_thread: ThreadPoolExecutor,
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
     retry = procrastinate.RetryStrategy(max_attempts=RETRY_ATTEMPTS, wait=RETRY_WAIT_S)
 
-    def task(queue: str, run: Callable[[str], None], pool: ThreadPoolExecutor,
-             arg: str) -> None:
+    def task(queue: str, run: Callable[[str], None], pool: ThreadPoolExecutor) -> None:
         async def job(**kwargs: str) -> None:
-            await asyncio.get_running_loop().run_in_executor(pool, run, kwargs[arg])
+            await asyncio.get_running_loop().run_in_executor(pool, run,
+                                                             kwargs[JOB_ARGS[queue]])
         job.__name__ = f"{queue}_job"
         app.task(name=TASKS[queue], queue=queue, retry=retry)(job)
 
-    task("select", runners.select, stage_threads, "study_uid")
-    task("infer", runners.infer, infer_thread, "job_id")
-    task("results", runners.results, stage_threads, "job_id")
-    task("outbox", runners.send, stage_threads, "destination")
+    task("select", runners.select, stage_threads)
+    task("infer", runners.infer, infer_thread)
+    task("results", runners.results, stage_threads)
+    task("outbox", runners.send, stage_threads)
     return app

@@ -2,8 +2,9 @@
 side of ``aiworker serve`` on PostgreSQL).
 
 :class:`QueueWorker` runs, in a thread with its own event loop, one procrastinate worker for
-the ``infer`` queue (one job at a time, the models resident in the inference process,
-loaded at start) and one for the other queues it serves (:data:`STAGE_CONCURRENCY` at a
+the ``infer`` queues of the models it holds (one job at a time, the models resident in the
+inference process, loaded at start; a job for a model it lacks is left to a worker that
+holds it) and one for the other queues it serves (:data:`STAGE_CONCURRENCY` at a
 time), plus the sweep (:mod:`aiworker.queue.sweep`) every :data:`SWEEP_S` seconds.
 
 A worker killed mid-job (``kill -9``, a lost node) stops sending heartbeats; after
@@ -27,7 +28,7 @@ from aiworker.queue.sweep import sweep
 from aiworker.queue.tasks import build_app
 from aiworker.select.decide import configured_pipelines
 from aiworker.store.db import StateDB
-from aiworker.store.handoff import QUEUES
+from aiworker.store.handoff import QUEUES, infer_queue
 from aiworker.store.jobs import worker_name
 from aiworker.store.outbox import Outbox
 
@@ -118,7 +119,8 @@ class QueueWorker:
                        "listen_notify": True, "update_heartbeat_interval": HEARTBEAT_S,
                        "stalled_worker_timeout": STALLED_S, "delete_jobs": "successful",
                        "fetch_job_polling_interval": 1.0}
-            groups = [(["infer"], 1)] if "infer" in self.queues else []
+            held = [infer_queue(model) for model in self.runners.models()]
+            groups = [(held, 1)] if "infer" in self.queues and held else []
             others = [q for q in self.queues if q != "infer"]
             groups += [(others, STAGE_CONCURRENCY)] if others else []
             tasks = [asyncio.create_task(app.run_worker_async(

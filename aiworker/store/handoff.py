@@ -7,11 +7,15 @@ that completes defers its ``select`` job, a queued job its ``infer`` job, a done
 commit or neither does; a sweep (:mod:`aiworker.queue.sweep`) re-defers any state that lacks
 its job all the same.
 
-Each job carries ids, never pixels, and has a key (``select:<study>``, ``infer:<job id>``,
-``results:<job id>``, ``outbox:<destination>``) that is both procrastinate's queueing lock
-(one waiting job per key: deferring again adds nothing, or moves a later start earlier) and
-its lock (one running job per key). Every stage's work is idempotent, so a job that runs
-twice (a worker killed mid-job, retried elsewhere) changes nothing the first run did.
+Each job carries ids, never pixels (:data:`JOB_ARGS`), and has a key (``select:<study>``,
+``infer:<job id>``, ``results:<job id>``, ``outbox:<destination>``) that is both
+procrastinate's queueing lock (one waiting job per key: deferring again adds nothing, or
+moves a later start earlier) and its lock (one running job per key). Every stage's work is
+idempotent, so a job that runs twice (a worker killed mid-job, retried elsewhere) changes
+nothing the first run did.
+
+An ``infer`` job waits in its model's queue (:func:`infer_queue`, ``infer/knee-demo``), so
+only a worker that holds the model takes it.
 
 On SQLite the stages poll the tables and :class:`NoHandoff` does nothing.
 """
@@ -25,6 +29,13 @@ from procrastinate.schema import SchemaManager
 
 QUEUES = ("select", "infer", "results", "outbox")
 TASKS = {queue: f"aiworker.{queue}" for queue in QUEUES}  # queue -> procrastinate task name
+JOB_ARGS = {"select": "study_uid", "infer": "job_id", "results": "job_id",
+            "outbox": "destination"}  # queue -> the name of the one id its job carries
+
+
+def infer_queue(model: str) -> str:
+    """The procrastinate queue of ``model``'s ``infer`` jobs."""
+    return f"infer/{model}"
 
 
 def job_lock(queue: str, ident: str) -> str:
@@ -41,7 +52,7 @@ class NoHandoff:
     def select(self, cur: Any, study_uid: str) -> None:
         """The study's selection is found by the select stage's poll."""
 
-    def infer(self, cur: Any, job_id: str) -> None:
+    def infer(self, cur: Any, job_id: str, model: str) -> None:
         """The queued job is claimed by the infer stage's poll."""
 
     def results(self, cur: Any, job_id: str) -> None:
@@ -62,24 +73,24 @@ class QueueHandoff(NoHandoff):
         cur.execute_script(SchemaManager.get_schema())
 
     def select(self, cur: Any, study_uid: str) -> None:
-        defer(cur, "select", study_uid, {"study_uid": study_uid})
+        defer(cur, "select", study_uid)
 
-    def infer(self, cur: Any, job_id: str) -> None:
-        defer(cur, "infer", job_id, {"job_id": job_id})
+    def infer(self, cur: Any, job_id: str, model: str) -> None:
+        defer(cur, "infer", job_id, model=model)
 
     def results(self, cur: Any, job_id: str) -> None:
-        defer(cur, "results", job_id, {"job_id": job_id})
+        defer(cur, "results", job_id)
 
     def outbox(self, cur: Any, destination: str, at: float | None = None) -> None:
-        defer(cur, "outbox", destination, {"destination": destination}, at)
+        defer(cur, "outbox", destination, at)
 
 
-def defer(cur: Any, queue: str, ident: str, args: dict[str, str],
-          at: float | None = None) -> bool:
-    """Defer the ``queue`` job for ``ident`` (to start at ``at``, epoch seconds, or now)
-    unless one waits already, which then starts at the earlier of the two times. Returns
-    whether a job was added. The caller's transaction holds the state's write lock, so two
-    deferrals of one key cannot race."""
+def defer(cur: Any, queue: str, ident: str, at: float | None = None,
+          model: str | None = None) -> bool:
+    """Defer the ``queue`` job for ``ident`` (to start at ``at``, epoch seconds, or now;
+    an ``infer`` job in ``model``'s queue) unless one waits already, which then starts at
+    the earlier of the two times. Returns whether a job was added. The caller's transaction
+    holds the state's write lock, so two deferrals of one key cannot race."""
     lock = job_lock(queue, ident)
     moved = cur.execute(
         "UPDATE procrastinate_jobs SET scheduled_at = CASE WHEN scheduled_at IS NULL"
@@ -90,7 +101,8 @@ def defer(cur: Any, queue: str, ident: str, args: dict[str, str],
     cur.execute(
         "INSERT INTO procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args,"
         " scheduled_at) VALUES (?, ?, ?, ?, ?::jsonb, to_timestamp(?::float8))",
-        (queue, TASKS[queue], lock, lock, json.dumps(args), at))
+        (infer_queue(model or "") if queue == "infer" else queue, TASKS[queue], lock, lock,
+         json.dumps({JOB_ARGS[queue]: ident}), at))
     return True
 
 

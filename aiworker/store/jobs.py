@@ -81,14 +81,16 @@ class JobTable:
         rows = self._query(sql + " ORDER BY created_at, job_id", params)
         return [job_row(r) for r in rows]
 
-    def jobs_to_dispatch(self) -> list[dict[str, Any]]:
-        """Done jobs with a result folder that the outbox stage has not handed on yet (no
-        outbox row, not marked by :meth:`mark_dispatched`), oldest first."""
+    def jobs_to_dispatch(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        """Done jobs (or only ``job_id``) with a result folder that the outbox stage has not
+        handed on yet (no outbox row, not marked by :meth:`mark_dispatched`), oldest
+        first."""
+        only = "" if job_id is None else " AND job_id = ?"
         rows = self._query(
-            "SELECT * FROM jobs j WHERE state = ? AND result_dir IS NOT NULL"
+            "SELECT * FROM jobs j WHERE state = ? AND result_dir IS NOT NULL" + only +
             " AND dispatched_at IS NULL"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id)"
-            " ORDER BY finished_at, job_id", (DONE,))
+            " ORDER BY finished_at, job_id", (DONE, *(() if job_id is None else (job_id,))))
         return [job_row(r) for r in rows]
 
     def mark_dispatched(self, job_id: str, now: float | None = None) -> None:
@@ -191,7 +193,7 @@ class JobTable:
                                                                     *params),
             ).fetchall()
             for row in rows:
-                self.handoff.infer(cur, row["job_id"])
+                self.handoff.infer(cur, row["job_id"], row["model"])
                 write_event(cur, "job_requeued", row["study_uid"], row["series_uid"], None,
                             job_id=row["job_id"], model=row["model"], reason=reason)
         return [row["job_id"] for row in rows]
@@ -222,7 +224,7 @@ class JobTable:
                 "UPDATE jobs SET state = ?, updated_at = ?, finished_at = NULL, error = NULL,"
                 " error_kind = NULL, findings = NULL, device = NULL, result_dir = NULL"
                 " WHERE job_id = ?", (QUEUED, now, job["job_id"]))
-            self.handoff.infer(cur, job["job_id"])
+            self.handoff.infer(cur, job["job_id"], job["model"])
             write_event(cur, "job_retried", job["study_uid"], job["series_uid"], None,
                         job_id=job["job_id"], model=job["model"], error_kind=job["error_kind"],
                         error=job["error"], attempts=job["attempts"])

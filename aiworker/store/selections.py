@@ -38,16 +38,20 @@ class SelectionTable:
     _query: Callable[..., list[Any]]
     handoff: NoHandoff
 
-    def awaiting_selection(self, pipelines: list[str]) -> list[tuple[str, float, list[str]]]:
-        """Complete studies that lack a decision of some pipeline for their latest
-        completion: (study UID, completed_at, the pipelines that owe one), oldest first."""
+    def awaiting_selection(self, pipelines: list[str], study_uid: str | None = None
+                           ) -> list[tuple[str, float, list[str]]]:
+        """Complete studies (or only ``study_uid``) that lack a decision of some pipeline
+        for their latest completion: (study UID, completed_at, the pipelines that owe one),
+        oldest first."""
         waiting: dict[str, tuple[float, list[str]]] = {}
+        only = "" if study_uid is None else " AND study_uid = ?"
         for pipeline in pipelines:
             rows = self._query(
-                "SELECT study_uid, completed_at FROM studies s WHERE state = ?"
+                "SELECT study_uid, completed_at FROM studies s WHERE state = ?" + only +
                 " AND NOT EXISTS (SELECT 1 FROM selections x WHERE x.study_uid = s.study_uid"
                 " AND x.pipeline = ? AND x.completed_at = s.completed_at)"
-                " ORDER BY completed_at", (COMPLETE, pipeline))
+                " ORDER BY completed_at",
+                (COMPLETE, *(() if study_uid is None else (study_uid,)), pipeline))
             for row in rows:
                 waiting.setdefault(row["study_uid"], (row["completed_at"], []))[1].append(pipeline)
         return sorted(((uid, at, names) for uid, (at, names) in waiting.items()),
@@ -88,7 +92,7 @@ class SelectionTable:
             )
             job_id, created = queue_job(cur, job, now) if job else (None, False)
             if job_id is not None:
-                self.handoff.infer(cur, job_id)
+                self.handoff.infer(cur, job_id, job.model)
             superseded = [r["job_id"] for r in cur.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE study_uid = ? AND pipeline = ?"
                 " AND state = ? AND job_key <> ? RETURNING job_id",

@@ -20,6 +20,7 @@ from typing import Any
 from aiworker.store.db import StateDB
 from aiworker.store.events import PROBLEM_EVENTS
 from aiworker.store.outbox import DEAD, SENT, Outbox, OutboxRow
+from aiworker.store.workers import SILENT_AFTER_S
 
 # How far a study got, in flow order; "failed" and "not_selected" end a study's flow early.
 STAGES = ("receiving", "complete", "not_selected", "selected", "inferred", "sent", "failed")
@@ -50,7 +51,7 @@ def worker_json(worker: dict[str, Any]) -> dict[str, Any]:
     """The stable ``status --json`` shape of one worker of a shared state."""
     return {"worker": worker["worker"], "queues": worker["queues"],
             "devices": worker["devices"], "started_at": when(worker["started_at"]),
-            "seen_s": worker["seen_s"]}
+            "seen_s": worker["seen_s"], "silent": worker["seen_s"] > SILENT_AFTER_S}
 
 
 def when(epoch: float | None) -> str | None:

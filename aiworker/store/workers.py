@@ -12,6 +12,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+SILENT_AFTER_S = 20.0  # a running worker refreshes its row every few seconds
+
 
 class WorkerTable:
     """The worker methods of the state DB (which gives the transaction and the query)."""

@@ -107,6 +107,14 @@ def list_outbox(v: ViewsDep, state: RowState | None = None,
     return v.outbox_rows(state, destination)
 
 
+@router.get("/workers", summary="The workers of a shared state")
+def list_workers(v: ViewsDep) -> list[dict[str, Any]]:
+    """Each ``aiworker worker`` (and ``serve`` on PostgreSQL): its queues, each model's
+    device, and ``silent`` once it has not refreshed its row for a while (killed or cut
+    off: its jobs go to another worker). Empty on SQLite."""
+    return v.workers()
+
+
 @router.get("/failures", summary="Failed jobs, dead outbox rows, problem events")
 def get_failures(v: ViewsDep, limit: Limit = 200
                  ) -> dict[str, Any]:

@@ -167,6 +167,12 @@ def study_page(request: Request, study_uid: str) -> HTMLResponse:
     return _page(request, "study.html", study=study, refresh_s=_refresh(request))
 
 
+@router.get("/workers", response_class=HTMLResponse)
+def workers_page(request: Request) -> HTMLResponse:
+    return _page(request, "workers.html", workers=_views(request).workers(),
+                 shared=_views(request).db.shared, refresh_s=_refresh(request))
+
+
 @router.get("/failures", response_class=HTMLResponse)
 def failures_page(request: Request) -> HTMLResponse:
     return _page(request, "failures.html", failures=_views(request).failures())

@@ -22,7 +22,7 @@ from aiworker.store.jobs import JobError
 from aiworker.store.layout import ResultFolder
 from aiworker.store.outbox import DEAD, Outbox
 from aiworker.store.states import FAILED
-from aiworker.store.status import job_json, outbox_json, problem_json, status_report
+from aiworker.store.status import job_json, outbox_json, problem_json, status_report, worker_json
 from aiworker.store.status import timeline as timeline_of
 
 
@@ -110,6 +110,10 @@ class Views:
         return {"jobs": self.jobs(FAILED),
                 "dead": list(reversed(self.outbox_rows(DEAD))),
                 "events": [problem_json(e) for e in self.db.events(PROBLEM_EVENTS, limit)]}
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The workers of a shared (PostgreSQL) state; none on SQLite."""
+        return [worker_json(w) for w in self.db.workers()]
 
     def _annotate(self, study: dict[str, Any]) -> dict[str, Any]:
         """:func:`_annotate` plus the link to the study in the viewer (``web.viewer_url``)."""
