@@ -198,7 +198,7 @@ Destination = Annotated[DicomDestination | HL7Destination | DicomWebDestination,
                         Field(discriminator="kind")]
 
 
-class Pipeline(_Section):
+class PipelineSpec(_Section):
     """A series selection rule file, the model it feeds, and where results go."""
 
     name: str
@@ -348,7 +348,7 @@ class Config(_Section):
     completion: Completion = Completion()
     selection: Selection = Selection()
     destinations: dict[str, Destination] = {}
-    pipelines: list[Pipeline] = []
+    pipelines: list[PipelineSpec] = []
     hl7: HL7 = HL7()
     dispatch: Dispatch = Dispatch()
     web: Web = Web()

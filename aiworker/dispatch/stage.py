@@ -23,7 +23,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from aiworker.config import Config, DicomDestination, DicomWebDestination, Pipeline
+from aiworker.config import Config, DicomDestination, DicomWebDestination, PipelineSpec
 from aiworker.dispatch.outbox import Dispatcher, default_senders
 from aiworker.infer.gate import withheld_objects
 from aiworker.polling import PollingStage
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 FILES = {"seg": SEG_FILE, "sr": SR_FILE, "sc": SC_FILE, "hl7": HL7_FILE}
 
 
-def dicom_objects(pipeline: Pipeline,
+def dicom_objects(pipeline: PipelineSpec,
                   destination: DicomDestination | DicomWebDestination) -> list[str]:
     """The DICOM objects (``seg``, ``sr``, ``sc``) a job of ``pipeline`` sends to
     ``destination`` (see the module's rules)."""
@@ -77,7 +77,7 @@ def destination_policies(config: Config) -> dict[str, RetryPolicy]:
             for name, d in config.destinations.items() if d.retry_horizon_h is not None}
 
 
-def job_objects(pipeline: Pipeline, config: Config, result_dir: Path) -> list[NewObject]:
+def job_objects(pipeline: PipelineSpec, config: Config, result_dir: Path) -> list[NewObject]:
     """The objects a job of ``pipeline`` sends: one per (output file, destination).
     Raises OSError while one of their files is not written yet. A SEG the quality gate
     withholds (a result that is not assessable) is not sent."""
@@ -192,7 +192,7 @@ class OutboxStage(PollingStage):
             sent += report.sent
         return sent
 
-    def _ready_objects(self, job: dict[str, Any], pipeline: Pipeline) -> list[NewObject] | None:
+    def _ready_objects(self, job: dict[str, Any], pipeline: PipelineSpec) -> list[NewObject] | None:
         """The job's objects, or None while one of their files is not written yet."""
         folder = Path(job["result_dir"])
         try:
