@@ -168,7 +168,7 @@ def chosen_series(decision: StudyDecision, pipeline: str) -> dict[str, dict[str,
 def input_series(manifest: Manifest, chosen: dict[str, str | None]) -> list[str]:
     """The series UID for each of the model's input channels, in channel order: by role
     name when the rules name the model's channels, else in the rules' role order."""
-    channels = manifest.input.channels
+    channels = manifest.roles
     roles = {role: uid for role, uid in chosen.items() if uid is not None}
     if all(channel in roles for channel in channels):
         return [roles[channel] for channel in channels]

@@ -25,7 +25,7 @@ without one has no gate and its results are unchanged. ::
       send_seg_when_not_assessable: false
 
 The checks (:func:`judge`) are pure functions of the loaded series, the label map and the
-model's per-structure confidence (:func:`structure_confidence`, from its probabilities):
+model's per-structure confidence (:mod:`aiworker.infer.confidence`, from its probabilities):
 
 * **input** (a failure makes the whole result not assessable): slice count, coverage along
   the slice axis, voxel spacing, robust intensity percentiles after the manifest's own
@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from scipy import ndimage
+
+from aiworker.infer.confidence import structure_confidence  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -235,20 +237,6 @@ def input_stats(image: sitk.Image, normalization: Normalization,
     return InputStats(slices, slices * spacing[2], spacing, values)  # type: ignore[arg-type]
 
 
-def structure_confidence(logits: np.ndarray, labels: np.ndarray, values: list[int]
-                         ) -> dict[int, float]:
-    """Mean max-softmax of the network's ``logits`` (classes, ...) over the voxels of each
-    label value in ``labels`` (same spatial shape); a label with no voxel is left out."""
-    peak = logits.max(axis=0)
-    total = np.zeros_like(peak)
-    for channel in logits:
-        total += np.exp(channel - peak)
-    top = 1.0 / total  # the largest softmax probability of each voxel
-    sums = np.bincount(labels.ravel(), weights=top.ravel(), minlength=256)
-    counts = np.bincount(labels.ravel(), minlength=256)
-    return {value: float(sums[value] / counts[value]) for value in values if counts[value]}
-
-
 def structure_stats(labels: np.ndarray, voxel_ml: float, names: dict[int, str],
                     confidence: dict[int, float] | None, min_voxels: int
                     ) -> dict[str, StructureStats]:
@@ -279,7 +267,7 @@ def judge(spec: GateSpec, manifest: Manifest, image: sitk.Image, labels: np.ndar
     (slices, rows, columns) on its slices; ``confidence`` is label value -> mean max-softmax
     (None: the model gave no probabilities, and the confidence checks say so)."""
     wanted = sorted(spec.input.intensity_percentiles)
-    stats = input_stats(image, manifest.input.normalization, wanted)
+    stats = input_stats(image, manifest.first_input.normalization, wanted)
     segmentation = manifest.outputs.segmentation
     names = {label.value: label.name for label in segmentation.labels} if segmentation else {}
     structures = structure_stats(labels, voxel_ml, names, confidence,
@@ -386,7 +374,8 @@ def apply(findings: dict[str, Any], verdict: GateResult, spec: GateSpec,
     per_finding = {}
     for head in manifest.outputs.classification:
         classified = findings.get("classification", {}).get(head.name)
-        region = [names.get(v) for v in (head.region.label, head.region.reference_label)]
+        region = [names.get(v) for v in (head.region.label, head.region.reference_label)] \
+            if head.region else []  # a head reading the network: only whole-result reasons
         reasons = verdict.reasons + [r for name in region if name
                                      for r in verdict.structures.get(name, [])]
         if classified is None or not reasons:
@@ -429,7 +418,7 @@ def seg_withheld(findings: dict[str, Any]) -> bool:
 def withheld_objects(folder: Path) -> set[str]:
     """The object kinds (``seg``) the gate keeps from being sent for the job whose result
     folder is ``folder``, read from its findings (none without a gate, or before the
-    findings are written)."""
+    findings are written); a classification-only model's job has no SEG to send either."""
     from aiworker.store.layout import ResultFolder
 
     try:
@@ -437,7 +426,9 @@ def withheld_objects(folder: Path) -> set[str]:
     except (OSError, ValueError):
         return set()
     findings = document.get("findings", document)  # aiworker infer nests them
-    return {"seg"} if isinstance(findings, dict) and seg_withheld(findings) else set()
+    if not isinstance(findings, dict):
+        return set()
+    return {"seg"} if seg_withheld(findings) or findings.get("segmentation") is False else set()
 
 
 def reason_text(reasons: list[str]) -> str:

@@ -51,6 +51,21 @@ for (intended-use text). An example::
             intercept: -0.2
     intended_use: Research demonstration on synthetic phantoms; not a medical device.
 
+A model that reads several series, each on its own grid, gives ``inputs:`` (a list of
+``input`` sections, one per tensor the network takes, in argument order) instead of
+``input:``; it runs on whole inputs (no sliding window) and its network is called with one
+tensor per input. A classification head may read a network output (``network: {output: 0,
+activation: softmax}``) instead of a segmented region, and a model may have no
+``segmentation`` at all (a classification-only model: an SR and the report, no SEG)::
+
+    inputs:
+      - {channels: [sag], orientation: LPS, spacing_mm: [1, 1, 3], size: [96, 96, 24]}
+      - {channels: [cor], orientation: LPS, spacing_mm: [1, 3, 1], size: [96, 24, 96]}
+    outputs:
+      classification:
+        - {name: acl, classes: [intact, torn], positive: torn,
+           network: {output: 0, activation: softmax}}
+
 The sections' models are in :mod:`aiworker.infer.manifest_sections`. A ``gate:`` section
 sets the quality gate's limits (:class:`aiworker.infer.gate.GateSpec`; without it a model's
 results pass ungated).
@@ -116,7 +131,8 @@ class Manifest(Section):
     network: Network | None = None
     nnunet: NnunetV2 | None = None
     bundle: Bundle | None = None
-    input: Input
+    input: Input | None = None
+    inputs: list[Input] | None = Field(None, min_length=1)
     inference: Inference = Inference()
     outputs: Outputs
     gate: GateSpec | None = None  # the quality gate (aiworker.infer.gate); None: no gate
@@ -136,6 +152,30 @@ class Manifest(Section):
             return self.nnunet.results
         defaults = {"torchscript": "model.ts", "state_dict": "model.pt", "monai_bundle": "."}
         return self.weights or defaults.get(self.format, ".")
+
+    @property
+    def tensor_inputs(self) -> list[Input]:
+        """The ``input`` section of each tensor the network takes, in argument order."""
+        return self.inputs or ([self.input] if self.input is not None else [])
+
+    @property
+    def first_input(self) -> Input:
+        """The first tensor's input: the series the labels and the gate's input checks are
+        on."""
+        return self.tensor_inputs[0]
+
+    @property
+    def roles(self) -> list[str]:
+        """The series role of every input channel, over all inputs, in order."""
+        return [role for spec in self.tensor_inputs for role in spec.channels]
+
+    @property
+    def whole_inputs(self) -> bool:
+        """True when the network runs on whole inputs, called with one tensor per input
+        and read output by output (several inputs, or a head reading the network), not by
+        a sliding window over one tensor."""
+        return bool(self.inputs) or any(head.network is not None
+                                        for head in self.outputs.classification)
 
     def to_yaml(self) -> str:
         """The manifest as YAML that :func:`parse_manifest` reads back to an equal one."""
@@ -184,14 +224,18 @@ def _across_sections(manifest: Manifest) -> list[tuple[str, str]]:
     if manifest.format != "state_dict" and network is not None:
         problems.append(("network", f"only for format state_dict, not {manifest.format}"))
     problems += _format_sections(manifest)
+    problems += _input_sections(manifest)
     in_channels = network.args.get("in_channels") if network else None
-    if in_channels is not None and in_channels != len(manifest.input.channels):
+    if manifest.input is not None and in_channels is not None \
+            and in_channels != len(manifest.input.channels):
         problems.append(("network.args.in_channels",
                          f"is {in_channels} but input.channels names "
                          f"{len(manifest.input.channels)} role(s) (got {in_channels!r})"))
     labels = {label.value for label in manifest.outputs.segmentation.labels} \
         if manifest.outputs.segmentation else set()
     for index, head in enumerate(manifest.outputs.classification):
+        if head.region is None:
+            continue
         for key in ("label", "reference_label"):
             value = getattr(head.region, key)
             if value is not None and value not in labels:
@@ -200,6 +244,29 @@ def _across_sections(manifest: Manifest) -> list[tuple[str, str]]:
                                  f"(got {value!r})"))
     if manifest.gate is not None:
         problems += label_problems(manifest.gate, manifest)
+    return problems
+
+
+def _input_sections(manifest: Manifest) -> list[tuple[str, str]]:
+    """(key, problem) for the inputs: ``input`` or ``inputs``, each role feeding one channel,
+    and a model run on whole inputs has no sliding window and no nnU-Net predictor."""
+    if (manifest.input is None) == (manifest.inputs is None):
+        return [("input", "give input (one tensor) or inputs (one per tensor), not both"
+                          if manifest.input else "missing: give input or inputs")]
+    problems = []
+    roles = manifest.roles
+    repeated = sorted({role for role in roles if roles.count(role) > 1})
+    if repeated:
+        problems.append(("inputs", f"each role feeds one channel; repeated: "
+                                   f"{', '.join(repeated)}"))
+    if manifest.whole_inputs and manifest.inference.roi_size is not None:
+        problems.append(("inference.roi_size", "a model run on whole inputs (inputs, or a "
+                                               "network classification head) has no sliding "
+                                               "window; leave it out"))
+    if manifest.whole_inputs and manifest.format == "nnunet_v2":
+        problems.append(("inputs" if manifest.inputs else "outputs.classification",
+                         "format nnunet_v2 reads one input and segments; its heads use "
+                         "region"))
     return problems
 
 
@@ -212,7 +279,7 @@ def _format_sections(manifest: Manifest) -> list[tuple[str, str]]:
                                    "configuration, folds)"))
     if fmt == "nnunet_v2" and manifest.weights is not None:
         problems.append(("weights", "not for format nnunet_v2: nnunet.results names the folder"))
-    if fmt == "nnunet_v2":
+    if fmt == "nnunet_v2" and manifest.input is not None:
         given = manifest.input.model_fields_set - {"channels"}
         problems += [(f"input.{key}", "nnU-Net preprocesses as its plans say; not for format "
                                       "nnunet_v2") for key in sorted(given)]

@@ -129,12 +129,20 @@ class Label(Section):
     anatomic_region: Code | None = None
 
 
+# which of a network's outputs: its index in the tuple (or list) it returns, or its key in
+# the dict it returns; a network returning one tensor has only output 0
+OutputKey = Annotated[int, Field(ge=0)] | Name
+
+
 class Segmentation(Section):
     """The label map the model writes (0 is background and is not listed);
-    ``largest_component`` keeps only the largest connected part of each label."""
+    ``largest_component`` keeps only the largest connected part of each label; ``output``
+    is the network output holding the logits (read by a model run on whole inputs, see
+    :attr:`~aiworker.infer.manifest.Manifest.whole_inputs`)."""
 
     labels: list[Label] = Field(min_length=1)
     largest_component: bool = False
+    output: OutputKey = 0
 
     @model_validator(mode="after")
     def _unique(self) -> Segmentation:
@@ -175,16 +183,30 @@ class RegionClassifier(Section):
         return self
 
 
+class NetworkHead(Section):
+    """A classification the network itself outputs: which output (see ``OutputKey``), and
+    how its values become probabilities: ``softmax`` over one value per class (in the
+    order of ``classes``), or ``sigmoid`` of one value, the positive class's logit."""
+
+    output: OutputKey = 0
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+
+
 class ClassificationHead(Section):
     """One classification output: its classes, which one is the finding, the probability at
-    or above which the finding is reported, and the model that gives that probability
-    (``region``: a logistic model over the segmented region; the only kind so far)."""
+    or above which the finding is reported, and the model that gives that probability:
+    ``region`` (a logistic model over the segmented region) or ``network`` (an output of
+    the network, e.g. an MRNet-style classifier with no segmentation). ``finding`` is the
+    coded finding the SR states present or absent (default: the node's code for a head of
+    that name, e.g. ``acl``: SCT 239725005 Rupture of anterior cruciate ligament)."""
 
     name: Name
     classes: list[str] = Field(min_length=2, max_length=2)
     positive: str
     threshold: float = Field(0.5, ge=0, le=1)
-    region: RegionClassifier
+    region: RegionClassifier | None = None
+    network: NetworkHead | None = None
+    finding: Code | None = None
 
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> ClassificationHead:
@@ -194,6 +216,9 @@ class ClassificationHead(Section):
         if self.positive not in self.classes:
             raise ValueError(f"positive class {self.positive!r} is not one of the classes "
                              f"({', '.join(self.classes)})")
+        if (self.region is None) == (self.network is None):
+            raise ValueError("give exactly one of region (a model over a segmented region) "
+                             "and network (an output of the network)")
         return self
 
 

@@ -15,6 +15,13 @@ the labels from ``dataset.json``'s ``labels``, coded by :mod:`aiworker.infer.lab
 :func:`check` lists every problem of the folder, one line each. :class:`NnunetModel`
 loads the predictor once, in the inference process, on the GPU when there is one.
 
+When the quality gate checks the model's confidence, the predictor is asked for its
+probabilities too (``return_probabilities``, as ``nnUNetv2_predict --save_probabilities``
+asks): the label map is then their argmax, as that command writes it, and the confidence in
+each label is the mean of the largest probability over its voxels
+(:func:`aiworker.infer.confidence.probability_confidence`), with the mean entropy beside it.
+A region-based model's probabilities are per region, not per label: it gives none.
+
 nnU-Net checkpoints are pickles, loaded as nnU-Net loads them: install only model folders
 you trust.
 """
@@ -27,11 +34,13 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from aiworker.infer.confidence import probability_confidence, probability_entropy
 from aiworker.infer.labels import coded_labels, missing_labels
 from aiworker.infer.manifest import MANIFEST_NAME, Manifest, ModelError
 
@@ -173,6 +182,18 @@ def _check_dataset(dataset: dict[str, Any], manifest: Manifest, results: Path,
     return problems
 
 
+@dataclass
+class Segmented:
+    """nnU-Net's label map (slices, rows, columns) on the first input's grid, the seconds of
+    its steps and, when asked for, label value -> mean max probability and mean entropy
+    inside it (None: not asked for, or a region-based model)."""
+
+    labels: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    confidence: dict[int, float] | None = None
+    entropy: dict[int, float] | None = None
+
+
 class NnunetModel:
     """An nnU-Net predictor loaded once: every fold's weights on ``device``."""
 
@@ -204,10 +225,11 @@ class NnunetModel:
                              f"{settings.configuration!r}")
         self.orientation = READERS.get(plans.plans.get("image_reader_writer", "SimpleITKIO"))
 
-    def segment(self, images: list[Any]) -> tuple[np.ndarray, dict[str, float]]:
-        """The label map (slices, rows, columns) on ``images[0]``'s grid that nnU-Net
-        predicts for these volumes (SimpleITK images, one per channel), and the seconds of
-        its steps (``preprocess``, ``model``, ``resample``)."""
+    def segment(self, images: list[Any], confidence_of: list[int] | None = None) -> Segmented:
+        """What nnU-Net predicts for these volumes (SimpleITK images, one per channel): the
+        label map on ``images[0]``'s grid and the seconds of its steps (``preprocess``,
+        ``model``, ``resample``); with ``confidence_of`` (label values) also its confidence
+        in each of them, from its probabilities."""
         import SimpleITK as sitk
         import torch
         from nnunetv2.inference.export_prediction import (
@@ -232,15 +254,24 @@ class NnunetModel:
                 torch.from_numpy(data)).cpu()
             timings["model"] = _since(started)
             started = time.perf_counter()
-            labels = to_segmentation(logits, predictor.plans_manager,
-                                     predictor.configuration_manager, predictor.label_manager,
-                                     properties, num_threads_torch=torch.get_num_threads())
+            wanted = confidence_of is not None and not predictor.label_manager.has_regions
+            converted = to_segmentation(logits, predictor.plans_manager,
+                                        predictor.configuration_manager,
+                                        predictor.label_manager, properties,
+                                        return_probabilities=wanted,
+                                        num_threads_torch=torch.get_num_threads())
+        labels, probabilities = converted if wanted else (converted, None)
+        result = Segmented(labels)
+        if probabilities is not None and confidence_of is not None:
+            result.confidence = probability_confidence(probabilities, labels, confidence_of)
+            result.entropy = probability_entropy(probabilities, labels, confidence_of)
         if self.orientation:
             image = sitk.GetImageFromArray(labels.astype(np.uint8))
             image.CopyInformation(images[0])
             labels = sitk.GetArrayFromImage(sitk.DICOMOrient(image, source_orientation))
         timings["resample"] = _since(started)
-        return np.ascontiguousarray(labels, dtype=np.uint8), timings
+        result.labels, result.timings = np.ascontiguousarray(labels, dtype=np.uint8), timings
+        return result
 
 
 def reader_input(images: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:

@@ -77,7 +77,7 @@ def resolve_models(pipelines: list[Pipeline], models_dir: Path | None) -> dict[s
 def channel_roles(roles: list[str], spec: ModelSpec) -> list[str]:
     """The role whose series feeds each input channel of the model, in channel order: by
     name when every channel is a role, else in order when the counts agree."""
-    channels = spec.manifest.input.channels
+    channels = spec.manifest.roles
     if all(channel in roles for channel in channels):
         return list(channels)
     if len(roles) == len(channels):

@@ -10,7 +10,9 @@ Capture for PACS viewers that cannot show a SEG; and ``warnings.json``, the sour
 values the objects do not carry as they were (see :mod:`~aiworker.results.patient`: the
 patient and study are read once, cleaned, and every object carries the same). Each file is
 written under a temporary name, fsynced and renamed, so a crash never leaves half an object
-under its real name. A result the quality gate found not assessable has no ``seg.dcm``
+under its real name. A classification-only model (no ``outputs.segmentation``) has no
+``seg.dcm``: its SR states the findings and the preview shows the slice it names. A result
+the quality gate found not assessable has no ``seg.dcm``
 unless its manifest's ``gate.send_seg_when_not_assessable`` says so (its SR then references
 no segment; :func:`~aiworker.infer.gate.withheld_objects` tells the outbox). Their UIDs and
 the HL7 control id are derived from the series and the model, so writing them again gives
@@ -84,7 +86,8 @@ def write_results(folder: Path, source_paths: Sequence[Path | str], loaded: Load
     for warning in patient.warnings:
         log.warning("series %s: source header %s", loaded.series_uid, warning.text)
     timings: dict[str, float] = {}
-    seg = None if gate.seg_withheld(findings) else _timed(
+    no_seg = gate.seg_withheld(findings) or manifest.outputs.segmentation is None
+    seg = None if no_seg else _timed(
         timings, "seg", lambda: build_seg(datasets, loaded, labels, manifest, model_id,
                                           patient=patient))
     sr = _timed(timings, "sr", lambda: build_sr(datasets, seg, findings, manifest, model_id,

@@ -161,9 +161,10 @@ def build_secondary_capture(source_dataset: Dataset, image: Image.Image, model_i
 
 
 def _labels(manifest: Manifest) -> list[Label]:
-    """The manifest's segmentation labels (an error when it outputs none)."""
+    """The manifest's segmentation labels (none for a classification-only model: its
+    preview is the middle slice without an overlay)."""
     if manifest.outputs.segmentation is None:
-        raise PreviewError(f"model {manifest.name} outputs no segmentation")
+        return []
     return manifest.outputs.segmentation.labels
 
 

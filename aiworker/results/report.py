@@ -9,6 +9,10 @@ The report has five parts, in this order, each under its heading:
   the menisci and the cartilage with their volumes in mL, the bones, and a line naming
   every structure the model could not assess (a structure of 0 mL is "not identified");
 * ``IMPRESSION``: numbered, short statements, the ACL first;
+
+a classification head other than the ACL's gets a line of its own in both (its decision and
+the probability of its positive class); a classification-only model (no segmentation) has
+no volumes and no "not assessed" line of structures;
 * the fixed :data:`DISCLAIMER`, on one line of its own.
 
 A result the quality gate (:mod:`aiworker.infer.gate`) found not assessable says so instead
@@ -71,9 +75,11 @@ def report_text(source_dataset: Dataset, series_info: SeriesInfo, findings: dict
         unassessable = {name: gate.structure_reasons(findings, name) for name in volumes}
         unassessable = {name: reasons for name, reasons in unassessable.items() if reasons}
         kept = {name: v for name, v in volumes.items() if name not in unassessable}
-        found = _findings(kept, acl) + [f"{name}: {gate.reason_text(reasons)}."
-                                        for name, reasons in unassessable.items()]
-        impression = _impression(kept, acl)
+        others = _other_heads(findings)
+        found = _findings(kept, acl, manifest.outputs.segmentation is not None) + [
+            f"{name}: {gate.reason_text(reasons)}." for name, reasons in unassessable.items()]
+        found[1:1] = others
+        impression = _impression(kept, acl, others)
     sections = [
         ("EXAM", [_exam(patient or read_patient_study(source_dataset))]),
         ("TECHNIQUE", [_technique(series_info, manifest)]),
@@ -115,13 +121,33 @@ def _technique(series: SeriesInfo, manifest: Manifest) -> str:
     """Which series was analysed, and by which model."""
     name = f'"{series.description}"' if series.description else "(no description)"
     number = f"series {series.number}" if series.number is not None else "series (no number)"
-    return (f"MR {name}, {number}, analysed by the AI model "
-            f"{manifest.name}@{manifest.version}: automatic segmentation of the knee "
-            f"structures and classification of the anterior cruciate ligament.")
+    what = ("automatic segmentation of the knee structures and classification of the "
+            "anterior cruciate ligament" if manifest.outputs.segmentation is not None
+            else "classification without segmentation")
+    inputs = len(manifest.roles)
+    more = f" (and {inputs - 1} more series)" if inputs > 1 else ""
+    return (f"MR {name}, {number}{more}, analysed by the AI model "
+            f"{manifest.name}@{manifest.version}: {what}.")
 
 
-def _findings(volumes: dict[str, float], acl: dict[str, Any] | None) -> list[str]:
-    """One paragraph per finding, the ACL first."""
+def _other_heads(findings: dict[str, Any]) -> list[str]:
+    """One line per classification head other than the ACL's: decision and probability."""
+    rows = []
+    for name, head in (findings.get("classification") or {}).items():
+        if name == "acl":
+            continue
+        if head["decision"] == gate.NOT_ASSESSABLE:
+            rows.append(f"{_upper_first(name)}: "
+                        f"{gate.reason_text(head.get('not_assessable') or ['quality gate'])}.")
+        else:
+            rows.append(f"{_upper_first(name)}: {head['decision']} (probability "
+                        f"{head['probability']:.2f}, threshold {head['threshold']:.2f}).")
+    return rows
+
+
+def _findings(volumes: dict[str, float], acl: dict[str, Any] | None,
+              segmented: bool = True) -> list[str]:
+    """One paragraph per finding, the ACL first (no structures without a segmentation)."""
     rows = [_acl_finding(volumes, acl)]
     if PCL in volumes:
         rows.append("Posterior cruciate ligament: "
@@ -138,8 +164,10 @@ def _findings(volumes: dict[str, float], acl: dict[str, Any] | None) -> list[str
     if bones:
         rows.append(f"Bones (volume within the field of view): {', '.join(bones)}.")
     missing = _not_identified(volumes)
-    rows.append("Not assessed: " + (f"{', '.join(missing)} not identified (0 mL)."
-                                    if missing else "none; every structure was identified."))
+    if segmented:
+        rows.append("Not assessed: " + (f"{', '.join(missing)} not identified (0 mL)."
+                                        if missing else "none; every structure was "
+                                                        "identified."))
     return rows
 
 
@@ -157,8 +185,9 @@ def _acl_finding(volumes: dict[str, float], acl: dict[str, Any] | None) -> str:
             f"{acl['probability']:.2f}, threshold {acl['threshold']:.2f}){volume}.")
 
 
-def _impression(volumes: dict[str, float], acl: dict[str, Any] | None) -> list[str]:
-    """Numbered, short statements."""
+def _impression(volumes: dict[str, float], acl: dict[str, Any] | None,
+                others: list[str] | None = None) -> list[str]:
+    """Numbered, short statements: the ACL, the other heads, what was not identified."""
     items = []
     if acl is None:
         items.append("ACL not assessed.")
@@ -168,6 +197,7 @@ def _impression(volumes: dict[str, float], acl: dict[str, Any] | None) -> list[s
         items.append(f"Findings suggestive of ACL tear (probability {acl['probability']:.2f}).")
     else:
         items.append(f"Intact ACL (probability of a tear {acl['probability']:.2f}).")
+    items += others or []
     missing = _not_identified(volumes)
     if missing:
         items.append(f"Not identified, not assessed: {', '.join(missing)}.")

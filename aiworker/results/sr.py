@@ -19,7 +19,13 @@
   (SCT 272519000; both from DICOM CID 241 "Present-Absent Only"), and the probability of
   the positive class as a measurement DCM 122157 "Probability" with unit UCUM ``1``
   (DCM 111047 "Probability of cancer" would say the wrong thing; 122157 is DICOM's generic
-  probability concept). A head with no finding code in :data:`FINDING_CODES` is left out;
+  probability concept). The finding code is the head's ``finding`` in the manifest, else
+  :data:`FINDING_CODES` by the head's name; a head with neither is left out;
+* a head that reads the network instead of a segmented region (a classification-only
+  model, e.g. an MRNet-style ACL classifier) has a TID 1501 Measurement and Qualitative
+  Evaluation group of its own: tracking identifier the head's name, finding type the
+  finding code, the qualitative evaluation and the Probability as above; it references no
+  segment (there is none) and its evidence is the source series;
 * a structure or finding the quality gate (:mod:`aiworker.infer.gate`) found not
   assessable (every one, when the whole result is not) makes no claim: its group has no
   Volume and no Probability, and a qualitative evaluation with the value
@@ -58,8 +64,8 @@ from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, genera
 import aiworker
 from aiworker.infer import gate
 from aiworker.infer.manifest import Manifest
+from aiworker.infer.manifest_sections import ClassificationHead, Label
 from aiworker.infer.manifest_sections import Code as ManifestCode
-from aiworker.infer.manifest_sections import Label
 from aiworker.results.patient import PatientStudy, read_patient_study, sanitized_source
 from aiworker.results.uids import result_uid
 
@@ -162,26 +168,61 @@ def _groups(seg: Dataset | None, findings: Mapping[str, Any], manifest: Manifest
     unknown = sorted(set(volumes) - {label.name for label in labels})
     if unknown:
         raise SRError(f"structures not in the manifest of {model_id}: {', '.join(unknown)}")
-    results = _head_results(manifest, findings.get("classification", {}))
+    classified = findings.get("classification", {})
+    results = _head_results(manifest, classified)
     algorithm = hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
-    return [_group(label, None if gate.structure_reasons(dict(findings), label.name)
-                   else volumes[label.name],
-                   _referenced_segment(seg, label, series_uid) if seg is not None else None,
-                   result_uid(series_uid, model_id, "sr", f"tracking {label.name}"),
-                   algorithm, results.get(label.value))
-            for label in labels if label.name in volumes]
+    groups = [_group(label, None if gate.structure_reasons(dict(findings), label.name)
+                     else volumes[label.name],
+                     _referenced_segment(seg, label, series_uid) if seg is not None else None,
+                     result_uid(series_uid, model_id, "sr", f"tracking {label.name}"),
+                     algorithm, results.get(label.value))
+              for label in labels if label.name in volumes]
+    for head in manifest.outputs.classification:
+        result = _head_result(head, classified)
+        if head.region is None and result is not None:
+            groups.append(_network_group(head.name, result, algorithm, result_uid(
+                series_uid, model_id, "sr", f"tracking head {head.name}")))
+    return groups
 
 
 def _head_results(manifest: Manifest, classified: Mapping[str, Any]) -> dict[int, _HeadResult]:
-    """Label value of the region -> the result of each head that has one and a finding
-    code."""
-    return {head.region.label: _HeadResult(
-                finding=FINDING_CODES[head.name],
-                present=None if classified[head.name]["decision"] == gate.NOT_ASSESSABLE
-                else classified[head.name]["decision"] == head.positive,
-                probability=float(classified[head.name]["probability"]))
-            for head in manifest.outputs.classification
-            if head.name in classified and head.name in FINDING_CODES}
+    """Label value of the region -> the result of each region head that has one and a
+    finding code."""
+    found = {}
+    for head in manifest.outputs.classification:
+        result = _head_result(head, classified)
+        if head.region is not None and result is not None:
+            found[head.region.label] = result
+    return found
+
+
+def _head_result(head: ClassificationHead, classified: Mapping[str, Any]
+                 ) -> _HeadResult | None:
+    """The head's result, or None without one or without a finding code."""
+    finding = _code(head.finding) if head.finding else FINDING_CODES.get(head.name)
+    if head.name not in classified or finding is None:
+        return None
+    decision = classified[head.name]["decision"]
+    return _HeadResult(finding=finding,
+                       present=None if decision == gate.NOT_ASSESSABLE
+                       else decision == head.positive,
+                       probability=float(classified[head.name]["probability"]))
+
+
+def _network_group(name: str, result: _HeadResult, algorithm: hd.sr.AlgorithmIdentification,
+                   tracking_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of a head that reads the network: its finding and probability,
+    or Undetermined when it is not assessable."""
+    measurements = None
+    value = UNDETERMINED if result.present is None else PRESENT if result.present else ABSENT
+    if result.present is not None:
+        measurements = [hd.sr.Measurement(name=PROBABILITY, value=result.probability,
+                                          unit=NO_UNITS)]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=name),
+        finding_type=result.finding, algorithm_id=algorithm, measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=result.finding,
+                                                             value=value)])
 
 
 def _referenced_segment(seg: Dataset, label: Label, series_uid: str) -> hd.sr.ReferencedSegment:
