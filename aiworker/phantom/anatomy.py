@@ -126,14 +126,42 @@ class KneeCase:
         return facts
 
 
-def make_case(seed: int, acl: str = "random", side: str | None = None) -> KneeCase:
+@dataclass(frozen=True)
+class CaseRanges:
+    """The uniform ranges :func:`make_case` draws a case's variable facts from.
+
+    The defaults are the generator's realistic ranges; :data:`WIDE_RANGES` widens the ones
+    the anatomy stays valid over (flexion to 45 degrees, a large effusion, smaller and
+    larger knees) for domain-randomised training. Any ranges consume the random stream the
+    same way, so a seed draws the same side, tear and position whatever the ranges."""
+
+    scale: tuple[float, float] = (0.88, 1.1)
+    width: tuple[float, float] = (0.94, 1.06)
+    flexion_deg: tuple[float, float] = (0.0, 12.0)
+    yaw_deg: tuple[float, float] = (-10.0, 10.0)
+    varus_deg: tuple[float, float] = (-4.0, 4.0)
+    fat_mm: tuple[float, float] = (3.0, 12.0)
+    effusion_mm: tuple[float, float] = (0.0, 5.0)
+
+
+MAX_FLEXION_DEG = 45.0  # beyond it the patella, kept in the knee frame, leaves the trochlea
+WIDE_RANGES = CaseRanges(scale=(0.8, 1.2), width=(0.9, 1.1), flexion_deg=(0.0, MAX_FLEXION_DEG),
+                         yaw_deg=(-15.0, 15.0), varus_deg=(-6.0, 6.0), fat_mm=(2.0, 20.0),
+                         effusion_mm=(0.0, 12.0))
+
+
+def make_case(seed: int, acl: str = "random", side: str | None = None,
+              ranges: CaseRanges = CaseRanges()) -> KneeCase:
     """Draw the facts of case ``seed`` (a non-negative integer).
 
     ``acl`` is "random", "intact" or "torn"; "random" tears exactly one ACL in each pair of
     seeds (2m, 2m + 1), chosen at random, so any run of consecutive seeds is balanced.
     ``side`` None draws the side. Forcing ``acl`` or ``side`` leaves every other fact as the
-    seed draws it, so a torn and an intact case can share one anatomy.
+    seed draws it, so a torn and an intact case can share one anatomy. ``ranges`` bounds
+    the variable facts (:class:`CaseRanges`; flexion at most :data:`MAX_FLEXION_DEG`).
     """
+    if not 0.0 <= ranges.flexion_deg[0] <= ranges.flexion_deg[1] <= MAX_FLEXION_DEG:
+        raise ValueError(f"flexion must lie within 0..{MAX_FLEXION_DEG:g} degrees")
     if acl not in ("random", "intact", "torn"):
         raise ValueError(f"acl must be 'random', 'intact' or 'torn', not {acl!r}")
     if side not in (None, "R", "L"):
@@ -142,11 +170,12 @@ def make_case(seed: int, acl: str = "random", side: str | None = None) -> KneeCa
     drawn_side = "R" if rng.random() < 0.5 else "L"
     side = side or drawn_side
     acl_torn = _paired_tear(seed) if acl == "random" else acl == "torn"
+    r = ranges
     facts = dict(
-        scale=rng.uniform(0.88, 1.1), width=rng.uniform(0.94, 1.06),
-        flexion_deg=rng.uniform(0.0, 12.0), yaw_deg=rng.uniform(-10.0, 10.0),
-        varus_deg=rng.uniform(-4.0, 4.0), fat_mm=rng.uniform(3.0, 12.0),
-        effusion_mm=rng.uniform(0.0, 5.0), tear_at=rng.uniform(0.35, 0.65),
+        scale=rng.uniform(*r.scale), width=rng.uniform(*r.width),
+        flexion_deg=rng.uniform(*r.flexion_deg), yaw_deg=rng.uniform(*r.yaw_deg),
+        varus_deg=rng.uniform(*r.varus_deg), fat_mm=rng.uniform(*r.fat_mm),
+        effusion_mm=rng.uniform(*r.effusion_mm), tear_at=rng.uniform(0.35, 0.65),
         gap_mm=rng.uniform(4.0, 9.0))
     bruise = bool(rng.random() < 0.6) and acl_torn
     lateral_offset = rng.uniform(60.0, 110.0) * (-1.0 if side == "R" else 1.0)

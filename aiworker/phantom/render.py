@@ -73,12 +73,21 @@ def tissue_signal(sequence: str) -> np.ndarray:
 
 
 def render_series(volume: KneeVolume, geometry: SliceGeometry, sequence: str, snr: float,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Pixel data (slices, rows, columns), uint16 in 0..4095, of one stack of slices."""
+                  rng: np.random.Generator, table: np.ndarray | None = None) -> np.ndarray:
+    """Pixel data (slices, rows, columns), uint16 in 0..4095, of one stack of slices.
+
+    ``table`` (256 relative signals indexed by tissue value, brightest about 1) replaces
+    ``sequence``'s tissue table: a contrast no scanner makes, for domain-randomised
+    training."""
     if snr <= 0:
         raise ValueError(f"snr must be positive, not {snr}")
+    if table is None:
+        table = tissue_signal(sequence)
+    elif table.shape != (256,):
+        raise ValueError(f"table must hold 256 signals, not {table.shape}")
     step = _sampling_steps(volume, geometry)
-    coarse = _slab_average(tissue_signal(sequence)[volume.tissue], volume, geometry, step)
+    coarse = _slab_average(np.asarray(table, np.float32)[volume.tissue], volume, geometry,
+                           step)
     coarse *= _bias_field(volume, geometry, step, rng)
     image = _upsample(coarse, step, (geometry.rows, geometry.columns))
     image *= np.float32(SIGNAL_SCALE)
