@@ -26,7 +26,7 @@ FIT_SEEDS = range(200_000, 210_000)  # ACL-tear classifier fitting
 HELD_OUT_SEEDS = range(900_000, 910_000)  # evaluation only: never in training
 MAX_OBLIQUE = 20.0
 
-_MODEL_LABEL = np.array([value if value in STRUCTURES else 0 for value in range(256)],
+MODEL_LABEL = np.array([value if value in STRUCTURES else 0 for value in range(256)],
                         dtype=np.uint8)
 
 
@@ -61,7 +61,7 @@ def make_case(seed: int, max_oblique: float = MAX_OBLIQUE) -> Case:
     [geometry] = series.stacks(volume.centre)
     rng = np.random.default_rng([seed, series.order])
     pixels = render.render_series(volume, geometry, series.kind, series.snr, rng)
-    labels = _MODEL_LABEL[render.label_series(volume, geometry)]
+    labels = MODEL_LABEL[render.label_series(volume, geometry)]
     return Case(seed, series_image(pixels.astype(np.float32), geometry),
                 series_image(labels, geometry), case.acl_torn)
 

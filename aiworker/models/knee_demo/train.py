@@ -3,23 +3,34 @@
 
 Recipe (the model card says why):
 
-1. Draw ``--cases`` training studies (seeds from :data:`~.data.TRAIN_SEEDS`) with the phantom
-   generator and keep their sagittal PD FS series, preprocessed exactly as the manifest's
-   ``input`` section says (the engine's own :func:`~aiworker.infer.preprocess.model_input`).
+1. Draw a pool of ``--cases`` domain-randomised training samples (SynthSeg-style,
+   :mod:`~.randomise`: anatomies from :data:`~.data.TRAIN_SEEDS` with widened flexion,
+   effusion and size, each imaged ``--per-anatomy`` times with a random contrast or the
+   real PD FS, random obliquity, slice thickness, spacing, count and coverage, pixel size,
+   SNR, bias and an elastic warp), preprocessed exactly as the manifest's ``input`` section
+   says (the engine's own :func:`~aiworker.infer.preprocess.model_input`). While training,
+   one background process draws fresh anatomies and every ``--refresh-every`` iterations
+   they replace the pool's oldest samples (in a fixed order, so the run stays reproducible).
 2. Train a MONAI DynUNet (anisotropic kernels: in-plane only at full resolution, 3-D below)
    with Dice + cross-entropy on random patches, two thirds of them centred on a structure
    drawn uniformly (so the small ACL, PCL and menisci are seen as often as the femur), with
    a left/right flip (a mirrored right knee is a left knee) and small intensity changes.
-3. Segment ``--fit-cases`` further studies (seeds from :data:`~.data.FIT_SEEDS`) with the
-   trained network through the engine, measure the segmented ACL region and fit the
-   ACL-tear logistic model on those measurements.
+   ``--init`` starts from earlier weights (fine-tuning) instead of random ones. Every
+   ``--validate-every`` iterations the network segments a fixed validation set and the best
+   weights so far are kept (``best.pt``), so a run cut off still leaves them;
+   ``--max-minutes`` ends the training early with the best weights.
+3. Segment ``--fit-cases`` further studies (seeds from :data:`~.data.FIT_SEEDS`: real PD FS
+   contrast, widened anatomy and prescriptions) with the trained network, measure the
+   segmented ACL region and fit the ACL-tear logistic model on those measurements
+   (``--fit-only`` refits it for the weights already in ``--out``).
 4. Write ``model.pt`` and ``model.yaml`` into ``--out`` (default: this folder). The
    manifest keeps the ``gate:`` section of the one it replaces (or of the bundled one), so
    retraining does not drop the quality gate; ``python bench/gate.py`` re-derives its ranges
    for the new weights.
 
 Everything random is seeded from ``--seed``; the same command on the same versions of
-torch and MONAI reproduces the weights up to floating-point summation order.
+torch and MONAI reproduces the weights up to floating-point summation order (without
+``--max-minutes``, which depends on the machine's speed).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import argparse
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +50,20 @@ from monai.losses import DiceCELoss
 from aiworker.infer import findings
 from aiworker.infer.manifest import parse_manifest
 from aiworker.infer.manifest_sections import Input, RegionClassifier
-from aiworker.models.knee_demo import data
+from aiworker.models.knee_demo import data, randomise
+from aiworker.models.knee_demo.batches import Pool, load_samples, patch_batch
 from aiworker.models.knee_demo.labels import ACL, CLASSES, PCL, manifest_labels
 
 log = logging.getLogger("knee_demo.train")
 
 HERE = Path(__file__).resolve().parent
 NAME, VERSION = "knee-demo", "1.0.0"
-PATCH = (96, 96, 32)
 KERNELS = [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 STRIDES = [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]
 FILTERS = [8, 16, 32, 64, 128]
 FEATURES = ["volume_ratio", "components", "largest_fraction", "extent_mm", "gap_mm",
             "mean_intensity"]
+VALIDATION_SEEDS = range(300_000, 300_006)  # best-weights selection only
 INTENDED_USE = ("Demonstration of the aiworker node on synthetic knee phantoms. Not a medical "
                 "device: not for diagnostic use, not validated on real patients.")
 
@@ -117,82 +129,98 @@ def write_manifest(out: Path, region: RegionClassifier) -> Path:
     return path
 
 
-# --- data -----------------------------------------------------------------------------------
-
-
-def load_samples(seeds: list[int], workers: int) -> list[data.Sample]:
-    spec = Input.model_validate(input_spec())
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(data.make_sample, seeds, [spec] * len(seeds)))
-
-
-def _padded(sample: data.Sample) -> tuple[np.ndarray, np.ndarray]:
-    pad = [(0, 0)] + [(0, max(0, p - n)) for p, n in zip(PATCH, sample.labels.shape,
-                                                           strict=True)]
-    return np.pad(sample.array, pad), np.pad(sample.labels, pad[1:])
-
-
-def patch_batch(samples: list[tuple[np.ndarray, np.ndarray]], batch: int,
-                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch`` random patches: two thirds centred on a structure drawn uniformly."""
-    images, labels = [], []
-    for _ in range(batch):
-        array, label = samples[int(rng.integers(len(samples)))]
-        centre = _centre(label, rng)
-        start = [int(min(max(c - p // 2, 0), n - p))
-                 for c, p, n in zip(centre, PATCH, label.shape, strict=True)]
-        window = tuple(slice(s, s + p) for s, p in zip(start, PATCH, strict=True))
-        image, target = array[(slice(None), *window)], label[window]
-        if rng.random() < 0.5:  # left/right mirror: a right knee becomes a left one
-            image, target = image[..., ::-1], target[..., ::-1]
-        image = image * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
-        images.append(np.ascontiguousarray(image, dtype=np.float32))
-        labels.append(np.ascontiguousarray(target[None], dtype=np.int64))
-    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
-
-
-def _centre(label: np.ndarray, rng: np.random.Generator) -> list[int]:
-    if rng.random() < 2 / 3:
-        value = int(rng.integers(1, CLASSES))
-        where = np.flatnonzero(label.ravel() == value)
-        if len(where):
-            return list(np.unravel_index(int(where[rng.integers(len(where))]), label.shape))
-    return [int(rng.integers(n)) for n in label.shape]
-
-
 # --- training -------------------------------------------------------------------------------
 
 
-def train(samples: list[data.Sample], iterations: int, seed: int, out: Path,
-          batch: int = 2) -> torch.nn.Module:
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how to train."""
+
+    iterations: int = 3000
+    lr: float = 3e-3
+    batch: int = 2
+    refresh_every: int = 5
+    validate_every: int = 250
+    max_minutes: float | None = None
+    init: Path | None = None
+
+
+def train(pool: Pool, schedule: Schedule, seed: int, out: Path,
+          validation: list[data.Sample]) -> torch.nn.Module:
+    """Train the network on ``pool``; returns it with the weights that segmented
+    ``validation`` best (also kept in ``out``/best.pt; the latest in checkpoint.pt)."""
     from monai.networks.nets import DynUNet
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = training_device()
     network = DynUNet(**network_args()).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3, weight_decay=1e-5)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: (1 - i / iterations) ** 0.9)
+    if schedule.init is not None:
+        network.load_state_dict(torch.load(schedule.init, map_location=device))
+        log.info("starting from the weights in %s", schedule.init)
+    iterations = schedule.iterations
+    optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=1e-5)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - i / iterations) ** 0.9)
     loss_of = DiceCELoss(to_onehot_y=True, softmax=True)
-    padded = [_padded(sample) for sample in samples]
-    network.train()
-    started, running = time.monotonic(), []
+    started, running, best = time.monotonic(), [], -1.0
     for iteration in range(1, iterations + 1):
-        images, labels = patch_batch(padded, batch, rng)
+        network.train()
+        images, labels = patch_batch(pool.padded, schedule.batch, rng)
         loss = loss_of(network(images.to(device)), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
+        decay.step()
         running.append(float(loss.detach()))
+        if iteration % schedule.refresh_every == 0:
+            pool.refresh()
         if iteration % 50 == 0 or iteration == iterations:
             log.info("iteration %d/%d loss %.4f (%.0f s)", iteration, iterations,
                      float(np.mean(running)), time.monotonic() - started)
             running = []
-        if iteration % 250 == 0:
+        out_of_time = (schedule.max_minutes is not None
+                       and time.monotonic() - started > 60 * schedule.max_minutes)
+        if iteration % schedule.validate_every == 0 or iteration == iterations or out_of_time:
             save_weights(network, out / "checkpoint.pt")
+            score = validation_dice(network, validation)
+            log.info("iteration %d: validation mean Dice %.4f (best %.4f)", iteration, score,
+                     max(best, score))
+            if score > best:
+                best = score
+                save_weights(network, out / "best.pt")
+        if out_of_time:
+            log.info("--max-minutes reached at iteration %d: keeping the best weights",
+                     iteration)
+            break
+    network.load_state_dict(torch.load(out / "best.pt", map_location=device))
     return network.eval()
+
+
+def segment(network: torch.nn.Module, array: np.ndarray) -> np.ndarray:
+    """The network's labels for one (1, x, y, z) input, as the engine's sliding window."""
+    from monai.inferers import sliding_window_inference
+
+    settings = inference_spec()
+    device = next(network.parameters()).device
+    network.eval()
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(array[None]).to(device),
+                                          settings["roi_size"], settings["sw_batch_size"],
+                                          network, settings["overlap"], mode="gaussian")
+    return np.argmax(logits[0].cpu().numpy(), axis=0).astype(np.uint8)
+
+
+def validation_dice(network: torch.nn.Module, samples: list[data.Sample]) -> float:
+    """Mean Dice over the structures and ``samples`` (a structure absent from both the
+    truth and the result counts 1)."""
+    scores = []
+    for sample in samples:
+        labels = segment(network, sample.array)
+        for value in range(1, CLASSES):
+            a, b = labels == value, sample.labels == value
+            total = int(a.sum()) + int(b.sum())
+            scores.append(2.0 * int((a & b).sum()) / total if total else 1.0)
+    return float(np.mean(scores))
 
 
 def training_device() -> torch.device:
@@ -208,23 +236,18 @@ def save_weights(network: torch.nn.Module, path: Path) -> None:
 
 def fit_classifier(network: torch.nn.Module, seeds: list[int], workers: int
                    ) -> tuple[RegionClassifier, list[tuple[float, bool]]]:
-    """Segment the fitting cases and fit the logistic ACL-tear model on their ACL
+    """Segment the fitting cases (real PD FS contrast, widened anatomy and prescriptions:
+    :data:`~.randomise.REAL_PD_FS`) and fit the logistic ACL-tear model on their ACL
     measurements; also returns (probability, torn) of each fitting case."""
-    from monai.inferers import sliding_window_inference
-
-    settings = inference_spec()
-    device = next(network.parameters()).device
     rows, torn = [], []
-    for sample in load_samples(seeds, workers):
-        with torch.inference_mode():
-            logits = sliding_window_inference(torch.from_numpy(sample.array[None]).to(device),
-                                              settings["roi_size"], settings["sw_batch_size"],
-                                              network, settings["overlap"], mode="gaussian")
-        labels = np.argmax(logits[0].cpu().numpy(), axis=0).astype(np.uint8)
-        region = RegionClassifier(label=ACL, reference_label=PCL, features=FEATURES,
-                                  mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
-                                  coefficients=[0.0] * len(FEATURES), intercept=0.0)
-        measured = findings.region_features(labels, sample.array[0], sample.spacing, region)
+    placeholder = RegionClassifier(label=ACL, reference_label=PCL, features=FEATURES,
+                                   mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
+                                   coefficients=[0.0] * len(FEATURES), intercept=0.0)
+    spec = Input.model_validate(input_spec())
+    for sample in load_samples(seeds, spec, workers, settings=randomise.REAL_PD_FS):
+        labels = segment(network, sample.array)
+        measured = findings.region_features(labels, sample.array[0], sample.spacing,
+                                            placeholder)
         rows.append([measured[name] for name in FEATURES])
         torn.append(sample.torn)
     x, y = np.array(rows), np.array(torn, dtype=float)
@@ -256,29 +279,67 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 0.1, steps: int = 50)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", type=int, default=160)
-    parser.add_argument("--fit-cases", type=int, default=60)
+    parser.add_argument("--cases", type=int, default=160, help="samples in the pool")
+    parser.add_argument("--per-anatomy", type=int, default=2)
+    parser.add_argument("--fit-cases", type=int, default=80)
     parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--refresh-every", type=int, default=5)
+    parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--init", type=Path, default=None, help="weights to start from")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="refit the ACL head for the weights in --out")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny gradients and Adam moments would run ~4x slower
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    train_seeds = [data.TRAIN_SEEDS[0] + 1000 * args.seed + i for i in range(args.cases)]
-    samples = load_samples(train_seeds, args.workers)
-    log.info("%d training cases ready (%.0f s)", len(samples), time.monotonic() - started)
-    network = train(samples, args.iterations, args.seed, args.out)
-    save_weights(network, args.out / "model.pt")
+    if args.fit_only:
+        network = load_network(args.out / "model.pt")
+    else:
+        network = train_network(args)
+        save_weights(network, args.out / "model.pt")
     fit_seeds = [data.FIT_SEEDS[0] + i for i in range(args.fit_cases)]
     region, fitted = fit_classifier(network, fit_seeds, args.workers)
     write_manifest(args.out, region)
-    (args.out / "checkpoint.pt").unlink(missing_ok=True)
     correct = sum((p >= 0.5) == torn for p, torn in fitted)
     log.info("ACL head on its %d fitting cases: %d correct; total %.1f min", len(fitted),
              correct, (time.monotonic() - started) / 60)
+
+
+def train_network(args: argparse.Namespace) -> torch.nn.Module:
+    """Step 1 and 2 of the recipe: the pool, its refreshing, the training."""
+    started = time.monotonic()
+    anatomies = -(-args.cases // args.per_anatomy)
+    first = data.TRAIN_SEEDS[0] + 1000 * args.seed
+    spec = Input.model_validate(input_spec())
+    samples = load_samples(list(range(first, first + anatomies)), spec, args.workers,
+                           args.per_anatomy)
+    validation = (load_samples(list(VALIDATION_SEEDS[:3]), spec, args.workers)
+                  + load_samples(list(VALIDATION_SEEDS[3:]), spec, args.workers,
+                                 settings=randomise.REAL_PD_FS))
+    log.info("%d training samples ready (%.0f s)", len(samples), time.monotonic() - started)
+    pool = Pool(samples, spec, first + anatomies, args.per_anatomy)
+    schedule = Schedule(iterations=args.iterations, lr=args.lr,
+                        refresh_every=args.refresh_every, validate_every=args.validate_every,
+                        max_minutes=args.max_minutes, init=args.init)
+    try:
+        return train(pool, schedule, args.seed, args.out, validation)
+    finally:
+        pool.close()
+
+
+def load_network(path: Path) -> torch.nn.Module:
+    from monai.networks.nets import DynUNet
+
+    network = DynUNet(**network_args()).to(training_device())
+    network.load_state_dict(torch.load(path, map_location=training_device()))
+    return network.eval()
 
 
 if __name__ == "__main__":
