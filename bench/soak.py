@@ -4,7 +4,8 @@
 For ``--duration`` seconds, ``--studies-parallel`` modalities (pynetdicom SCUs, one
 association per study) send phantom knee studies to a real ``aiworker serve``, each sending
 again whatever was not acknowledged, while at random moments (``--fault-every`` seconds
-apart on average; every kind once first, then drawn) the soak
+apart on average; every kind once first, then drawn; the faults go on past the duration
+until every kind has struck once and each fault has lasted its time) the soak
 
 * ``kill -9``s the node and starts it again (node kill);
 * kills the PACS, dcmtk ``storescp``, for 2-10 s and starts it again (PACS outage);
@@ -96,11 +97,13 @@ class Chaos:
         print(f"[{time.monotonic() - self.t0:7.1f} s] {text}", flush=True)
 
     def run(self, until: float) -> None:
+        """Strike and mend until ``until``; past it, on until every kind has struck once and
+        every fault begun has lasted its drawn time (no new ones but the first of a kind)."""
         next_at = time.monotonic() + self.rng.uniform(0.3, 1.0) * self.every_s
-        while time.monotonic() < until:
+        while time.monotonic() < until or self.plan or self.down:
             self.mend(due_only=True)
             self.ensure_node()
-            if time.monotonic() >= next_at:
+            if time.monotonic() >= next_at and (time.monotonic() < until or self.plan):
                 self.strike(self.plan.pop(0) if self.plan else self.rng.choice(self.kinds))
                 next_at = time.monotonic() + self.rng.uniform(0.5, 1.5) * self.every_s
             time.sleep(0.1)
@@ -251,6 +254,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         deadline = time.monotonic() + args.settle
         for modality in modalities:
             modality.thread.join(max(0.0, deadline - time.monotonic()))
+        chaos.say("modalities done")
         stop.set()
         db = disk.folder / "state.db"
         settle_s = wait_quiet(db, node, max(5.0, deadline - time.monotonic()))

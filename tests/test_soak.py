@@ -1,9 +1,10 @@
 """The chaos soak (bench/soak.py) in its short version, and its invariant checker.
 
-The short soak is the real thing for 20 s: three modalities send phantom studies to a real
-node (the tiny model of test_infer_worker.py) that is killed with -9, while dcmtk's storescp
-(the PACS) and the MLLP receiver (the RIS) go down and come back and the node's data tmpfs
-fills up; then every invariant must hold. The checker's tests feed it fabricated
+The short soak is the real thing for 8 s and on until each kind of fault has struck once
+and lasted its time: three modalities send phantom studies to a real node (the tiny model of
+test_infer_worker.py) that is killed with -9, while dcmtk's storescp (the PACS) and the MLLP
+receiver (the RIS) go down and come back and the node's data tmpfs fills up; then every
+invariant must hold. The checker's tests feed it fabricated
 observations, so a broken invariant is seen to fail.
 """
 
@@ -110,8 +111,8 @@ def test_a_short_chaos_soak_keeps_every_invariant(tmp_path: Path):
     write_model(tmp_path / "models", TINY)
     summary_path = tmp_path / "soak.json"
     run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "soak.py"), "--duration", "20",
-         "--fault-every", "2.5", "--studies-parallel", "3", "--settle", "40", "--seed", "3",
+        [sys.executable, str(REPO / "bench" / "soak.py"), "--duration", "8",
+         "--fault-every", "1.5", "--studies-parallel", "3", "--settle", "40", "--seed", "3",
          "--model", "tiny", "--models-dir", str(tmp_path / "models"),
          "--json", str(summary_path)],
         capture_output=True, text=True, timeout=90, cwd=REPO)
