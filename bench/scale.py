@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -272,6 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process and the cluster
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not (find_dcmtk("storescu") and find_dcmtk("storescp")):
         sys.exit("error: dcmtk's storescu and storescp are needed (apt-get install dcmtk)")
     ncores = cores()
