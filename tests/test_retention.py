@@ -50,15 +50,16 @@ def pacs(tmp_path: Path):
     proc.wait(10)
 
 
-def delivering_node(node_factory, tmp_path: Path, pacs: dict[str, Any], **storage: Any):
-    node = tiny_node(node_factory, tmp_path, storage={"retention_days": 0,
-                                                      "emergency_free_percent": 0} | storage,
+def delivering_node(node_factory, tmp_path: Path, pacs_port: int, **storage: Any):
+    """A started tiny-model node sending SEG and SR to the PACS at ``pacs_port``, retention
+    off unless ``storage`` says otherwise (configured before its one start)."""
+    node = tiny_node(node_factory, tmp_path, start=False,
+                     storage={"retention_days": 0, "emergency_free_percent": 0} | storage,
                      destinations={"pacs": {"kind": "dicom", "host": "127.0.0.1",
-                                            "port": pacs["port"], "ae_title": "PACS"}})
+                                            "port": pacs_port, "ae_title": "PACS"}})
     node.reconfigure(pipelines=[node.config["pipelines"][0] | {
         "outputs": ["seg", "sr"], "send_to": ["pacs"]}])
-    node.restart()
-    return node
+    return node.start()
 
 
 def delivered(node, study: WrittenStudy) -> None:
@@ -86,7 +87,7 @@ NONE_LEFT = dict.fromkeys(("studies", "series", "instances", "selections", "jobs
 @needs_dcmtk
 def test_purge_forgets_a_study_and_retention_removes_delivered_ones(node_factory, tmp_path,
                                                                     pacs):
-    node = delivering_node(node_factory, tmp_path, pacs)
+    node = delivering_node(node_factory, tmp_path, pacs["port"])
     first, second = small_study(tmp_path / "a", 501), small_study(tmp_path / "b", 502)
     for study in (first, second):
         send(node, study)
@@ -129,13 +130,9 @@ def test_purge_forgets_a_study_and_retention_removes_delivered_ones(node_factory
 
 
 @needs_dcmtk
-def test_a_study_not_yet_delivered_stays_until_an_operator_purges_it(node_factory, tmp_path,
-                                                                     pacs):
-    node = delivering_node(node_factory, tmp_path, pacs)
-    node.stop()
-    node.reconfigure(destinations={"pacs": {"port": free_port()}},  # nothing listens there
-                     storage={"retention_days": 1 / 86400, "retention_interval_s": 0.5})
-    node.start()
+def test_a_study_not_yet_delivered_stays_until_an_operator_purges_it(node_factory, tmp_path):
+    node = delivering_node(node_factory, tmp_path, free_port(),  # nothing listens there
+                           retention_days=1 / 86400, retention_interval_s=0.5)
     study = small_study(tmp_path / "a", 511)
     send(node, study)
     wait_until(lambda: node.sql("SELECT state FROM outbox WHERE study_uid = ? AND attempts > 0",
