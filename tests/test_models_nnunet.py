@@ -5,7 +5,7 @@ PlainConvUNet, random weights, two folds ensembled, test-time mirroring on). The
 label map must equal, voxel for voxel, the one ``nnUNetv2_predict_from_modelfolder`` (run
 as its own process on a NIfTI file of the same volume) writes, both for the engine in
 this process and for a job of the running node that got the study over DICOM and sent its
-SEG and SR to a real storescp.
+SEG and SR to a real Orthanc.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
 import yaml
 from nnunet_support import manifest, plans, write_manifest, write_model, write_results
 from support import needs_dcmtk, wait_until
-from test_dispatch_outbox import StoreSCP
+from test_e2e_orthanc import orthanc_results
 from test_infer_e2e import send, wait_for_job
 
 from aiworker.infer.engine import Engine
@@ -160,29 +159,25 @@ def test_the_manifest_names_the_folds_and_keeps_preprocessing_to_nnunet():
 
 
 @needs_dcmtk
-def test_a_sent_study_gets_nnunets_labels_in_its_seg_and_sr(node_factory, tmp_path, model,
-                                                           study, reference):
-    pacs = StoreSCP(tmp_path / "pacs").start()
-    try:
-        node = node_factory(
-            destinations={"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
-                                   "ae_title": "PACS"}},
-            pipelines=[{"name": "knee", "rules": "config/rules/knee.yaml",
-                        "model": "knee-nnunet", "outputs": ["seg", "sr"],
-                        "send_to": ["pacs"]}],
-            inference={"models_dir": str(model), "threads": 1},
-            dispatch={"interval_s": 0.1})
-        send(node, study)
-        job = wait_for_job(node, "done", 60)
-        target = truth_series(study)
-        labels = sitk.ReadImage(str(Path(job["result_dir"]) / LABELS_FILE))
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(labels),
-                                      sitk.GetArrayFromImage(reference()))
-        received = wait_until(lambda: len(pacs.received()) == 2 and pacs.received(), 30,
-                              "the SEG and SR at the PACS")
-    finally:
-        pacs.stop()
-    objects = {ds.Modality: ds for ds in (pydicom.dcmread(path) for path in received)}
+def test_a_sent_study_gets_nnunets_labels_in_its_seg_and_sr(node_factory, orthanc_factory,
+                                                           model, study, reference):
+    orthanc = orthanc_factory({})
+    node = node_factory(
+        destinations={"pacs": {"kind": "dicom", "host": "127.0.0.1",
+                               "port": orthanc.dicom_port, "ae_title": "ORTHANC"}},
+        pipelines=[{"name": "knee", "rules": "config/rules/knee.yaml",
+                    "model": "knee-nnunet", "outputs": ["seg", "sr"],
+                    "send_to": ["pacs"]}],
+        inference={"models_dir": str(model), "threads": 1},
+        dispatch={"interval_s": 0.1})
+    send(node, study)
+    job = wait_for_job(node, "done", 60)
+    target = truth_series(study)
+    labels = sitk.ReadImage(str(Path(job["result_dir"]) / LABELS_FILE))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels),
+                                  sitk.GetArrayFromImage(reference()))
+    objects = wait_until(lambda: orthanc_results(orthanc, study.study_uid), 30,
+                         "the SEG and SR in Orthanc")
     seg, sr = objects["SEG"], objects["SR"]
     model_id = "knee-nnunet@1.0.0"
     assert seg.SOPInstanceUID == result_uid(target.uid, model_id, "seg")
