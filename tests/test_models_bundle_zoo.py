@@ -1,7 +1,8 @@
 """MONAI bundles as the Model Zoo lays them out, built here: ``configs/inference.json`` (or
 ``.yaml``) whose network class lives in the bundle's own ``scripts/`` package,
 ``configs/metadata.json`` with the labels, and ``models/model.pt`` as ``CheckpointSaver``
-writes it (``{"model": state, "optimizer": ..., "epoch": ...}``) or ``models/model.ts``.
+writes it (``{"model": state, "optimizer": ..., "epoch": ...}``) or ``models/model.ts``;
+and one such bundle through a running node, its SEG and SR arriving in a real Orthanc.
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import yaml
+from support import needs_dcmtk, wait_until
+from test_e2e_orthanc import orthanc_results
+from test_infer_e2e import send, wait_for_job
 
 from aiworker.infer.engine import Engine
 from aiworker.infer.manifest import ManifestError
 from aiworker.infer.registry import Registry, load_model
 from aiworker.infer.volume import LoadedSeries
+from aiworker.phantom.protocol import Overrides
+from aiworker.phantom.study import StudyOptions, write_study
+from aiworker.store.layout import LABELS_FILE
 
 NET = '''import torch
 from monai.networks.nets import UNet
@@ -196,3 +204,40 @@ def _series(array: np.ndarray) -> LoadedSeries:
     from infer_support import series_of
 
     return series_of(array, (1.0, 1.0, 3.0), np.eye(3))
+
+
+@needs_dcmtk
+def test_a_zoo_bundle_through_the_node_lands_in_orthanc(node_factory, orthanc_factory,
+                                                        tmp_path):
+    """No code change for the user: the zoo bundle folder and a manifest in
+    ``inference.models_dir``; storescu -> node -> the SEG and SR in a real Orthanc, the SEG
+    carrying metadata.json's labels and the label map the node wrote."""
+    models = tmp_path / "models"
+    write_bundle(models / "zoo-knee")
+    write_manifest(models / "zoo-knee")
+    orthanc = orthanc_factory({})
+    node = node_factory(
+        destinations={"pacs": {"kind": "dicom", "host": "127.0.0.1",
+                               "port": orthanc.dicom_port, "ae_title": "ORTHANC"}},
+        pipelines=[{"name": "knee", "rules": "config/rules/knee.yaml", "model": "zoo-knee",
+                    "outputs": ["seg", "sr"], "send_to": ["pacs"]}],
+        inference={"models_dir": str(models), "threads": 1}, dispatch={"interval_s": 0.1})
+    study = write_study(tmp_path / "knee", StudyOptions(
+        seed=18, rescan=False, derived=False, truth=False,
+        overrides=Overrides(roles=("sag_pd_fs",), matrix=48, slices=16)))
+    send(node, study)
+    job = wait_for_job(node, "done", 60)
+    objects = wait_until(lambda: orthanc_results(orthanc, study.study_uid), 30,
+                         "the SEG and SR in Orthanc")
+    seg = objects["SEG"]
+    assert [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+            for s in seg.SegmentSequence] == [("femur", "71341001"), ("patella", "64234005")]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(job["result_dir"]) / LABELS_FILE)))
+    frames = seg.pixel_array.reshape(-1, *labels.shape[1:])
+    voxels = dict.fromkeys((1, 2), 0)
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        voxels[item.SegmentIdentificationSequence[0].ReferencedSegmentNumber] += \
+            int(frame.astype(bool).sum())
+    assert voxels == {value: int((labels == value).sum()) for value in (1, 2)}
+    assert all(voxels.values())  # the random network labels some voxels of each
+    assert objects["SR"].ContentSequence  # the SR names the bundle's findings
