@@ -33,7 +33,7 @@ from aiworker.results.report import SeriesInfo, report_text
 from aiworker.results.uids import message_control_id
 
 MODEL_YAML = Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo" / "model.yaml"
-MODEL_ID = "knee-demo@1.0.0"
+MODEL_ID = "knee-demo@2.0.0"
 NAME = "O'BRIEN^SIOBHÁN"
 SETTINGS = Hl7Settings(sending_application="AIWORKER", sending_facility="RADIOLOGY",
                        receiving_application="EPIC", receiving_facility="ST-MARYS",
@@ -187,7 +187,7 @@ def test_the_control_id_is_stable_across_builds_and_times(job, manifest, er7):
                       created=datetime(2030, 1, 1, tzinfo=UTC))
     control = [s.split("|")[9] for s in (er7, later)]
     assert control[0] == control[1]
-    other = build_oru(source, findings, report, manifest, "knee-demo@2.0.0", SETTINGS)
+    other = build_oru(source, findings, report, manifest, "knee-demo@3.0.0", SETTINGS)
     assert other.split("|")[9] != control[0]
 
 

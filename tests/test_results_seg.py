@@ -131,7 +131,7 @@ def test_the_seg_is_a_new_series_in_the_source_study(case, binary):
     assert ds.SOPInstanceUID == result_uid(case.loaded.series_uid, case.model_id, "seg", "sop")
     assert ds.SeriesInstanceUID == result_uid(case.loaded.series_uid, case.model_id, "seg",
                                               "series")
-    versions = [f"aiworker {aiworker.__version__}", "knee-demo 1.0.0"]
+    versions = [f"aiworker {aiworker.__version__}", "knee-demo 2.0.0"]
     assert (ds.Manufacturer, ds.ManufacturerModelName) == ("aiworker", "knee-demo")
     assert list(ds.SoftwareVersions) == versions
     ours = [item for item in ds.ContributingEquipmentSequence
@@ -192,7 +192,7 @@ def test_building_again_gives_the_same_uids_and_another_model_others(case):
     assert first.SOPInstanceUID == again.SOPInstanceUID
     assert first.SeriesInstanceUID == again.SeriesInstanceUID
     other = build_seg(case.datasets, case.loaded, case.labels, case.manifest,
-                      "knee-demo@2.0.0")
+                      "knee-demo@3.0.0")
     assert other.SOPInstanceUID != first.SOPInstanceUID
 
 

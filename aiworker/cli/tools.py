@@ -93,21 +93,28 @@ def _infer_run(cfg: Config, model: str | None, device: str | None, models_dir: P
 @app.command("train-demo")
 def train_demo(
     seed: Annotated[int | None, typer.Option(help="Seed of everything random (default 0).")] = None,
-    cases: Annotated[int | None, typer.Option(help="Training studies (default 160).")] = None,
+    cases: Annotated[int | None, typer.Option(
+        help="Domain-randomised samples in the training pool (default 160).")] = None,
     fit_cases: Annotated[int | None, typer.Option(
-        help="Studies the ACL head is fitted on (default 60).")] = None,
+        help="Studies the ACL head is fitted on (default 80).")] = None,
     iterations: Annotated[int | None, typer.Option(
         help="Training iterations (default 3000).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Stop after this long, keeping the best weights so far.")] = None,
+    init: Annotated[Path | None, typer.Option(
+        help="Weights to start from (a fine-tune), e.g. the bundled model.pt.")] = None,
     workers: Annotated[int | None, typer.Option(
         help="Processes drawing the studies (default: one per CPU).")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Where model.pt and model.yaml go (default: the bundled knee_demo folder).")] = None,
 ) -> None:
-    """Train the bundled knee-demo model on phantoms (python -m aiworker.models.knee_demo.train)."""
+    """Train the bundled knee-demo model on phantoms (python -m aiworker.models.knee_demo.train
+    has every option)."""
     from aiworker.models.knee_demo import train
 
     options = {"--seed": seed, "--cases": cases, "--fit-cases": fit_cases,
-               "--iterations": iterations, "--workers": workers, "--out": out}
+               "--iterations": iterations, "--max-minutes": max_minutes, "--init": init,
+               "--workers": workers, "--out": out}
     train.main([arg for flag, value in options.items() if value is not None
                 for arg in (flag, str(value))])
 
