@@ -53,7 +53,7 @@ def processed_study(data_dir: Path, seed: int = 5, matrix: int = 48) -> Processe
                                      {"chosen": {"main": series}, "series": []},
                                      NewJob("knee", MODEL_ID, uid, {"main": series}))
         claimed = db.claim_job()
-        assert claimed is not None and claimed["job_id"] == chosen.job_id
+        assert claimed is not None and claimed.job_id == chosen.job_id
         folder = paths.result_folder(chosen.job_id).path
         write_results(folder, run.paths, run.loaded, run.labels, run.findings, MANIFEST,
                       MODEL_ID, secondary_capture=True)

@@ -86,7 +86,7 @@ class Site:
                             if s["study_uid"] == record.study_uid)
         selection = self.db.record_selection(record.study_uid, completed_at, "knee", {}, NewJob(
             "knee", "knee-demo", record.study_uid, {"sag_pd_fs": record.series_uid}))
-        assert self.db.claim_job()["job_id"] == selection.job_id
+        assert self.db.claim_job().job_id == selection.job_id
         folder = self.root / "var" / "results" / selection.job_id
         if objects is None:
             folder.mkdir(parents=True)

@@ -44,7 +44,7 @@ from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.select.decide import Pipeline
 from aiworker.select.rules import load_rules
 from aiworker.store.db import StateDB
-from aiworker.store.jobs import JobError, NewJob
+from aiworker.store.jobs import Job, JobError, NewJob
 from aiworker.store.layout import FINDINGS_FILE, LABELS_FILE
 from aiworker.store.records import InstanceRecord
 
@@ -113,7 +113,7 @@ def queue_fake_job(db: StateDB, n: int) -> str:
 
 
 def states(db: StateDB) -> dict[str, str]:
-    return {job["job_id"]: job["state"] for job in db.jobs()}
+    return {job.job_id: job.state for job in db.jobs()}
 
 
 def event_kinds(db: StateDB, prefix: str = "job_") -> list[str]:
@@ -124,10 +124,10 @@ def test_claim_finish_and_fail(tmp_path):
     db = StateDB(tmp_path / "state.db")
     first, second = queue_fake_job(db, 1), queue_fake_job(db, 2)
     claimed = db.claim_job()
-    assert claimed is not None and claimed["job_id"] == first  # the oldest first
-    assert (claimed["state"], claimed["attempts"]) == ("running", 1)
-    assert claimed["started_at"] >= claimed["created_at"]
-    assert db.claim_job()["job_id"] == second
+    assert claimed is not None and claimed.job_id == first  # the oldest first
+    assert (claimed.state, claimed.attempts) == ("running", 1)
+    assert claimed.started_at >= claimed.created_at
+    assert db.claim_job().job_id == second
     assert db.claim_job() is None
 
     timings = {"load": 0.5, "model": 1.25}
@@ -139,11 +139,11 @@ def test_claim_finish_and_fail(tmp_path):
     with pytest.raises(ValueError, match="error kind must be one of data, model, resource"):
         db.fail_job(second, "x", "disk", {})
     done, failed = db.jobs()
-    assert (done["state"], done["findings"], done["timings"], done["device"],
-            done["result_dir"], done["error"]) == ("done", findings, timings, "cpu",
+    assert (done.state, done.findings, done.timings, done.device,
+            done.result_dir, done.error) == ("done", findings, timings, "cpu",
                                                    "/results/x", None)
-    assert done["finished_at"] >= done["started_at"]
-    assert (failed["state"], failed["error_kind"], failed["timings"], failed["findings"]) == \
+    assert done.finished_at >= done.started_at
+    assert (failed.state, failed.error_kind, failed.timings, failed.findings) == \
         ("failed", "data", {"load": 0.1}, None)
     assert event_kinds(db) == ["job_started", "job_started", "job_done", "job_failed"]
     [problem] = db.events(("job_failed",))
@@ -168,9 +168,9 @@ def test_an_older_db_gains_the_job_columns(tmp_path):
     conn.close()
     db = StateDB(path)
     [job] = db.jobs()
-    assert (job["job_id"], job["attempts"], job["timings"], job["findings"], job["error"]) == \
+    assert (job.job_id, job.attempts, job.timings, job.findings, job.error) == \
         ("j1", 0, None, None, None)
-    assert db.claim_job()["attempts"] == 1
+    assert db.claim_job().attempts == 1
     assert db.fail_job("j1", "out of memory", "resource", {})
     db.close()
     StateDB(path).close()  # and it opens again, with nothing left to add
@@ -188,7 +188,7 @@ def test_running_jobs_are_queued_again_at_start(tmp_path):
     [event] = db.events(("job_requeued",))
     assert event["detail"] == {"job_id": job_id, "model": "tiny", "reason": "restart"}
     assert db.requeue_running() == []
-    assert db.claim_job()["attempts"] == 2  # the cut-off run counts
+    assert db.claim_job().attempts == 2  # the cut-off run counts
     db.close()
 
 
@@ -196,7 +196,7 @@ def test_retry_requeues_a_failed_job_and_refuses_the_rest(tmp_path):
     db = StateDB(tmp_path / "state.db")
     for n in (1, 2, 3):
         queue_fake_job(db, n)
-    failed, done, queued = (job["job_id"] for job in db.jobs())
+    failed, done, queued = (job.job_id for job in db.jobs())
     db.claim_job(), db.claim_job()
     db.fail_job(failed, "stopped after the time limit of 5 s", "resource", {"total": 5.0})
     db.finish_job(done, {}, {}, "cpu", "/r")
@@ -210,16 +210,16 @@ def test_retry_requeues_a_failed_job_and_refuses_the_rest(tmp_path):
     with pytest.raises(JobError, match="give a job id"):
         db.retry_job("  ")
 
-    key = next(job["job_key"] for job in db.jobs() if job["job_id"] == failed)
+    key = next(job.job_key for job in db.jobs() if job.job_id == failed)
     before = db.retry_job(key[:10])  # a job_key prefix names it too
-    assert (before["job_id"], before["state"], before["error_kind"]) == \
+    assert (before.job_id, before.state, before.error_kind) == \
         (failed, "failed", "resource")
-    again = next(job for job in db.jobs() if job["job_id"] == failed)
-    assert (again["state"], again["error"], again["error_kind"], again["attempts"]) == \
+    again = next(job for job in db.jobs() if job.job_id == failed)
+    assert (again.state, again.error, again.error_kind, again.attempts) == \
         ("queued", None, None, 1)
     [event] = db.events(("job_retried",))
     assert event["detail"]["error"] == "stopped after the time limit of 5 s"
-    assert db.claim_job()["job_id"] == failed
+    assert db.claim_job().job_id == failed
     db.close()
 
 
@@ -388,8 +388,8 @@ def queue(db: StateDB, paths: list[Path], model: str = "tiny") -> str:
     return record.job_id
 
 
-def job(db: StateDB, job_id: str) -> dict[str, Any]:
-    return next(j for j in db.jobs() if j["job_id"] == job_id)
+def job(db: StateDB, job_id: str) -> Job:
+    return next(j for j in db.jobs() if j.job_id == job_id)
 
 
 def run_next(worker: InferenceWorker) -> None:
@@ -401,18 +401,18 @@ def test_a_job_runs_to_done_with_findings_timings_and_files(worker, db, series):
     job_id = queue(db, paths)
     run_next(worker)
     done = job(db, job_id)
-    assert done["state"] == "done", done["error"]
-    assert (done["device"], done["attempts"], done["error_kind"]) == ("cpu", 1, None)
-    assert set(done["timings"]) == STEPS
-    assert all(seconds >= 0 for seconds in done["timings"].values())
+    assert done.state == "done", done.error
+    assert (done.device, done.attempts, done.error_kind) == ("cpu", 1, None)
+    assert set(done.timings) == STEPS
+    assert all(seconds >= 0 for seconds in done.timings.values())
     loaded = load_series(paths)
-    findings = done["findings"]
+    findings = done.findings
     assert findings["model"] == "tiny@1.0.0" and findings["series_uid"] == loaded.series_uid
     assert set(findings["volumes_ml"]) == {"Femur"} and findings["volumes_ml"]["Femur"] > 0
     acl = findings["classification"]["acl"]
     assert acl["decision"] in ("intact", "torn") and 0 <= acl["probability"] <= 1
 
-    folder = Path(done["result_dir"])
+    folder = Path(done.result_dir)
     assert folder == worker.settings.results_dir / job_id
     assert json.loads((folder / FINDINGS_FILE).read_text()) == findings
     labels = sitk.ReadImage(str(folder / LABELS_FILE))
@@ -472,14 +472,14 @@ def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registr
     finally:
         inferrer.stop()
     done = job(db, done_id)
-    assert done["state"] == "done", done["error"]
-    assert set(done["timings"]) == STEPS | {"seg", "sr", "report", "hl7", "preview"}
-    folder = Path(done["result_dir"])
+    assert done.state == "done", done.error
+    assert set(done.timings) == STEPS | {"seg", "sr", "report", "hl7", "preview"}
+    folder = Path(done.result_dir)
     assert sorted(os.listdir(folder)) == sorted(
         [FINDINGS_FILE, LABELS_FILE, SEG_FILE, SR_FILE, REPORT_FILE, HL7_FILE, PREVIEW_FILE,
          SC_FILE, WARNINGS_FILE])
     assert json.loads((folder / WARNINGS_FILE).read_text()) == []  # the phantom is clean
-    assert done["warnings"] == []  # recorded on the job from that file
+    assert done.warnings == []  # recorded on the job from that file
     assert (folder / HL7_FILE).read_bytes().decode().split("|")[2] == "KNEEAI"
     assert pydicom.dcmread(folder / SC_FILE).SOPInstanceUID == result_uid(
         load_series(paths).series_uid, "tiny@1.0.0", "sc", "sop")
@@ -489,29 +489,29 @@ def test_the_write_objects_hook_writes_a_done_jobs_objects(db, node_dir, registr
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
 
     refused = job(db, refused_id)
-    assert (refused["state"], refused["error_kind"]) == ("failed", "data")
-    assert refused["error"] == ("the result objects cannot be made: SegError: labels have 1 "
+    assert (refused.state, refused.error_kind) == ("failed", "data")
+    assert refused.error == ("the result objects cannot be made: SegError: labels have 1 "
                                 "slices, the series 16")
-    assert {"write", "total"} <= set(refused["timings"])
+    assert {"write", "total"} <= set(refused.timings)
 
 
 def test_a_series_without_positions_fails_as_data(worker, db, series):
     job_id = queue(db, series(edit=lambda ds: delattr(ds, "ImagePositionPatient")))
     run_next(worker)
     failed = job(db, job_id)
-    assert (failed["state"], failed["error_kind"]) == ("failed", "data")
-    assert "lacks a valid ImagePositionPatient" in failed["error"]
-    assert set(failed["timings"]) == {"total"}  # it failed while loading
-    assert failed["result_dir"] is None
+    assert (failed.state, failed.error_kind) == ("failed", "data")
+    assert "lacks a valid ImagePositionPatient" in failed.error
+    assert set(failed.timings) == {"total"}  # it failed while loading
+    assert failed.result_dir is None
 
 
 def test_a_model_that_cannot_load_fails_its_jobs_as_model(worker, db, series):
     job_id = queue(db, series(), model="broken")
     run_next(worker)
     failed = job(db, job_id)
-    assert (failed["state"], failed["error_kind"]) == ("failed", "model")
-    assert failed["error"].startswith("broken@1.0.0: weights file ") and \
-        failed["error"].endswith("model.ts is missing")
+    assert (failed.state, failed.error_kind) == ("failed", "model")
+    assert failed.error.startswith("broken@1.0.0: weights file ") and \
+        failed.error.endswith("model.ts is missing")
 
 
 def test_the_time_limit_stops_a_job_and_a_fresh_process_takes_the_next(worker, db, series,
@@ -526,14 +526,14 @@ def test_the_time_limit_stops_a_job_and_a_fresh_process_takes_the_next(worker, d
     finally:
         worker.time_limit_s = None
     stopped = job(db, slow)
-    assert (stopped["state"], stopped["error_kind"], stopped["error"]) == \
+    assert (stopped.state, stopped.error_kind, stopped.error) == \
         ("failed", "resource", "stopped after the time limit of 0.001 s")
     assert worker.process.pid != old_pid and not _alive(old_pid)
 
     after = queue(db, series())
     run_next(worker)
-    assert job(db, after)["state"] == "done"
-    assert job(db, first)["state"] == "done"
+    assert job(db, after).state == "done"
+    assert job(db, first).state == "done"
 
     config = node_dir / "aiworker.yaml"
     config.write_text(yaml.safe_dump({"storage": {"data_dir": str(node_dir)}}))
@@ -543,7 +543,7 @@ def test_the_time_limit_stops_a_job_and_a_fresh_process_takes_the_next(worker, d
     assert "it had failed (resource): stopped after the time limit of 0.001 s" in proc.stdout
     run_next(worker)
     retried = job(db, slow)
-    assert (retried["state"], retried["attempts"], retried["error"]) == ("done", 2, None)
+    assert (retried.state, retried.attempts, retried.error) == ("done", 2, None)
     again = cli("resend", slow, "--config", str(config))
     assert again.returncode == 1
     assert f"resend: job {slow} is done, not failed" in again.stderr
@@ -560,12 +560,12 @@ def test_a_dead_process_fails_its_job_as_resource_and_is_replaced(worker, db, se
     job_id = queue(db, series())
     run_next(worker)
     failed = job(db, job_id)
-    assert (failed["state"], failed["error_kind"]) == ("failed", "resource")
-    assert failed["error"] == ("the inference process was killed by SIGKILL "
+    assert (failed.state, failed.error_kind) == ("failed", "resource")
+    assert failed.error == ("the inference process was killed by SIGKILL "
                                "(the out-of-memory killer?)")
     following = queue(db, series())
     run_next(worker)
-    assert job(db, following)["state"] == "done"
+    assert job(db, following).state == "done"
 
 
 def test_status_shows_the_jobs(worker, db, node_dir, series):
@@ -582,11 +582,11 @@ def test_status_shows_the_jobs(worker, db, node_dir, series):
     assert jobs, "no jobs in status"
     by_id = {j["job_id"]: j for j in jobs}
     for row in db.jobs():
-        shown = by_id[row["job_id"]]
+        shown = by_id[row.job_id]
         assert (shown["state"], shown["error_kind"], shown["error"], shown["findings"],
                 shown["timings"], shown["device"], shown["attempts"], shown["result_dir"]) == \
-            (row["state"], row["error_kind"], row["error"], row["findings"], row["timings"],
-             row["device"], row["attempts"], row["result_dir"])
+            (row.state, row.error_kind, row.error, row.findings, row.timings,
+             row.device, row.attempts, row.result_dir)
     assert any(j["state"] == "done" and j["findings"]["volumes_ml"]["Femur"] > 0 for j in jobs)
     table = cli("status", "--config", str(config)).stdout
     assert "data error: image " in table and "lacks a valid ImagePositionPatient" in table
@@ -623,9 +623,9 @@ def test_stop_ends_the_process_and_requeues_a_running_job(registry, phantom, tmp
     while inferrer.process is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process = inferrer.process
-    assert job(own_db, job_id)["state"] == "running"
+    assert job(own_db, job_id).state == "running"
     inferrer.stop()
-    assert job(own_db, job_id)["state"] == "queued"
+    assert job(own_db, job_id).state == "queued"
     assert process is not None and not process.process.is_alive()
     assert [e["detail"]["reason"] for e in own_db.events(("job_requeued",))] == ["node stopped"]
     own_db.close()
@@ -668,23 +668,23 @@ def test_a_full_disk_fails_a_job_as_resource_and_it_runs_again_once_there_is_roo
             filler = fill(disk)
             run_next(inferrer)
             failed = job(db, job_id)
-            assert (failed["state"], failed["error_kind"]) == ("failed", "resource")
-            assert failed["error"].startswith("disk full: [Errno 28] ")
+            assert (failed.state, failed.error_kind) == ("failed", "resource")
+            assert failed.error.startswith("disk full: [Errno 28] ")
             result = disk / job_id
             assert not (result / FINDINGS_FILE).exists()  # only whole files get their names
 
             filler.unlink()
             run_next(inferrer)  # queued again now that there is room, and run
             done = job(db, job_id)
-            assert (done["state"], done["attempts"]) == ("done", 2)
+            assert (done.state, done.attempts) == ("done", 2)
             assert sitk.ReadImage(str(result / LABELS_FILE)).GetSize()[2] == 16
             [retried] = db.events(("job_retried",))[:1]
-            assert retried["detail"]["error"] == failed["error"]
+            assert retried["detail"]["error"] == failed.error
 
             inferrer.settings = replace(settings, min_free_mb=2)  # 4 MB disk, 3+ MB full
             fill(disk)
             waiting = queue(db, series())
             assert not inferrer.tick()  # below the floor: nothing is claimed
-            assert job(db, waiting)["state"] == "queued"
+            assert job(db, waiting).state == "queued"
         finally:
             inferrer.stop()

@@ -182,7 +182,7 @@ def test_a_done_job_the_outbox_has_not_taken_yet_keeps_its_study(tmp_path):
     with db.transaction() as cur:
         cur.execute("UPDATE jobs SET result_dir = 'r', finished_at = 1 WHERE job_id = 'job2.25.7'")
     policy = RetentionPolicy(retention_days=1 / 86400, emergency_free_percent=0)
-    assert [j["job_id"] for j in db.jobs_to_dispatch()] == ["job2.25.7"]
+    assert [j.job_id for j in db.jobs_to_dispatch()] == ["job2.25.7"]
     assert apply_retention(db, paths, policy) == []
     db.mark_dispatched("job2.25.7")
     assert db.jobs_to_dispatch() == []

@@ -173,10 +173,10 @@ def test_two_receivers_and_workers_on_postgresql_survive_kill_9_anywhere(
                                     )[0]["n"] == 6, 180,
                    "each study's SEG and SR at the PACS and report at the RIS")
 
-        jobs = {job["job_id"]: job for job in db.jobs() if job["model"] == "knee-demo"}
-        assert len(jobs) == 2 and all(job["state"] == "done" for job in jobs.values())
-        assert jobs[running["job_id"]]["attempts"] >= 2
-        expected = sorted(str(pydicom.dcmread(Path(job["result_dir"]) / name,
+        jobs = {job.job_id: job for job in db.jobs() if job.model == "knee-demo"}
+        assert len(jobs) == 2 and all(job.state == "done" for job in jobs.values())
+        assert jobs[running["job_id"]].attempts >= 2
+        expected = sorted(str(pydicom.dcmread(Path(job.result_dir) / name,
                                               stop_before_pixels=True).SOPInstanceUID)
                           for job in jobs.values() for name in (SEG_FILE, SR_FILE))
         arrived = Counter(scp.received_uids())
@@ -190,7 +190,7 @@ def test_two_receivers_and_workers_on_postgresql_survive_kill_9_anywhere(
             sum(len(study.files) for study in studies)
         events = Counter(e["kind"] for e in db.events(limit=1000))
         assert events["job_done"] == 2
-        assert [job["state"] for job in db.jobs() if job["job_id"] == unheld] == ["queued"]
+        assert [job.state for job in db.jobs() if job.job_id == unheld] == ["queued"]
         _the_dashboard_lists(web_port, workers["worker4"].pid)
         assert [row["status"] for row in db.query(
             "SELECT status FROM procrastinate_jobs WHERE queue_name = ?",

@@ -183,7 +183,7 @@ def test_status_shows_each_decision_its_job_and_the_reasons(spooled, tmp_path):
     complete(db, clock)
     rules = load_rules(REPO / "config" / "rules" / "knee.yaml")
     SelectionWorker(db, [Pipeline("knee", "knee-demo", rules)]).tick()
-    jobs = {j["study_uid"]: j for j in db.jobs()}
+    jobs = {j.study_uid: j for j in db.jobs()}
     db.close()
 
     proc = aiworker("status", "--json", "--config", config, cwd=tmp_path)
@@ -195,7 +195,7 @@ def test_status_shows_each_decision_its_job_and_the_reasons(spooled, tmp_path):
     assert decision["chosen"] == {"main": chosen[short["study_uid"]]}
     job = jobs[short["study_uid"]]
     assert decision["jobs"] == [{
-        "job_id": job["job_id"], "job_key": job["job_key"], "state": "queued",
+        "job_id": job.job_id, "job_key": job.job_key, "state": "queued",
         "model": "knee-demo", "series_uid": chosen[short["study_uid"]],
         "inputs": {"main": chosen[short["study_uid"]]},
         "created_at": decision["jobs"][0]["created_at"],
@@ -215,6 +215,6 @@ def test_status_shows_each_decision_its_job_and_the_reasons(spooled, tmp_path):
         "weighting is T1 (TE 12 ms, TR 600 ms), needs PD")
 
     table = aiworker("status", "--config", config, cwd=tmp_path).stdout
-    assert f"knee: job {job['job_id'][:8]} queued (main: series 1" in table
+    assert f"knee: job {job.job_id[:8]} queued (main: series 1" in table
     assert "knee: no match: role main: none of the 1 series meets its conditions" in table
     assert "weighting is T1 (TE 12 ms, TR 600 ms), needs PD" in table

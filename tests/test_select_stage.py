@@ -74,17 +74,17 @@ def test_a_match_queues_one_job_and_records_the_explanation(db, worker, tmp_path
     assert db.awaiting_selection(["knee"])[0][0] == STUDY_UID
     assert worker.tick() == 1
     [job] = db.jobs()
-    assert (job["state"], job["series_uid"], job["pipeline"], job["model"]) == (
+    assert (job.state, job.series_uid, job.pipeline, job.model) == (
         "queued", target, "knee", "knee-demo")
-    assert job["inputs"] == {"main": target}
-    assert job["job_key"] == job_key(STUDY_UID, {"main": target}, "knee-demo")
+    assert job.inputs == {"main": target}
+    assert job.job_key == job_key(STUDY_UID, {"main": target}, "knee-demo")
     [decision] = db.selections()
     assert decision["matched"] and decision["pipeline"] == "knee"
     explanation = decision["explanation"]
     assert explanation["chosen"] == {"main": target}
     verdicts = {s["series_uid"]: s["verdicts"]["knee/main"] for s in explanation["series"]}
     assert verdicts[target] == {"matched": True, "reason": "chosen: meets every condition"}
-    assert [e["detail"]["job_id"] for e in events(db, "selected")] == [job["job_id"]]
+    assert [e["detail"]["job_id"] for e in events(db, "selected")] == [job.job_id]
     assert db.awaiting_selection(["knee"]) == []
     assert worker.tick() == 0
 
@@ -118,8 +118,8 @@ def test_a_re_completed_study_is_selected_again_without_a_duplicate_job(db, work
     assert db.awaiting_selection(["knee"]) == []  # receiving again
     complete(db, clock)
     assert worker.tick() == 1
-    assert [j["job_id"] for j in db.jobs()] == [first["job_id"]]
-    assert db.jobs()[0]["series_uid"] == target
+    assert [j.job_id for j in db.jobs()] == [first.job_id]
+    assert db.jobs()[0].series_uid == target
     assert [e["detail"]["job_created"] for e in events(db, "selected")] == [False, True]
 
 
@@ -132,8 +132,8 @@ def test_a_late_rescan_supersedes_the_queued_job(db, worker, tmp_path):
     complete(db, clock)
     worker.tick()
     old, new = db.jobs()
-    assert (old["state"], new["state"], new["series_uid"]) == ("superseded", "queued", rescan)
-    assert events(db, "selected")[0]["detail"]["superseded"] == [old["job_id"]]
+    assert (old.state, new.state, new.series_uid) == ("superseded", "queued", rescan)
+    assert events(db, "selected")[0]["detail"]["superseded"] == [old.job_id]
 
 
 def test_a_decision_for_an_older_completion_is_not_recorded(db, tmp_path):

@@ -204,7 +204,7 @@ def processed_study(db: StateDB, study: str, at: float, accession: str = "ACC1",
     chosen = db.record_selection(uid, completed_at, "knee", {"chosen": {"main": series},
                                                              "series": []}, job)
     claimed = db.claim_job()
-    assert claimed is not None and claimed["job_id"] == chosen.job_id
+    assert claimed is not None and claimed.job_id == chosen.job_id
     if error is not None:
         db.fail_job(chosen.job_id, error, "model", {})
         return Written(study, chosen.job_id, {})

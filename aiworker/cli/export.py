@@ -102,7 +102,7 @@ def _studies(db: StateDB, given: list[str], since_s: float | None) -> list[str]:
     if not given and since_s is None:
         raise ExportError("name a study (STUDY_UID) or --since 7d")
     for uid in given:
-        if not any(job["state"] == DONE for job in db.jobs(uid)):
+        if not any(job.state == DONE for job in db.jobs(uid)):
             raise ExportError(f"study {uid}: no done job (the node has no result for it; "
                               "see `aiworker status`)")
     found = studies_since(db, since_s) if since_s is not None else []

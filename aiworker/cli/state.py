@@ -13,7 +13,7 @@ from aiworker.config import DEFAULT_CONFIG
 from aiworker.store.layout import DataPaths
 
 if TYPE_CHECKING:  # the commands import their stages lazily, to start fast
-    pass
+    from aiworker.store.jobs import Job
 
 from aiworker.cli.common import (
     ConfigOption,
@@ -161,19 +161,19 @@ def resend(job: Annotated[str | None, typer.Argument(
         err.print("resend: name one of JOB, --study UID or --dead", highlight=False)
         raise typer.Exit(2)
     found = None if job is None else _find_job(job, config)
-    if job is not None and (found is None or found["state"] == "failed"):
+    if job is not None and (found is None or found.state == "failed"):
         _requeue_failed(job, config, "resend")  # queues it again, or says why not
         return
-    requeued = _requeue_outbox(config, found and found["job_id"], study)
+    requeued = _requeue_outbox(config, found and found.job_id, study)
     if found is not None and not requeued:
-        err.print(f"resend: job {found['job_id']} is {found['state']}, not failed, and none "
+        err.print(f"resend: job {found.job_id} is {found.state}, not failed, and none "
                   "of its outbox rows is dead", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"{requeued} outbox row(s) queued again; the running node sends them: "
                   "follow them with `aiworker status`", highlight=False, markup=False)
 
 
-def _find_job(ref: str, config: Path) -> dict[str, Any] | None:
+def _find_job(ref: str, config: Path) -> Job | None:
     """The one job ``ref`` names (an exact id or a unique prefix); None when it names none
     or several, or the node has no state DB yet."""
     from aiworker.store.db import state_location
@@ -268,8 +268,8 @@ def _requeue_failed(ref: str, config: Path, command: str) -> None:
         raise typer.Exit(1) from exc
     finally:
         db.close()
-    console.print(f"job {job['job_id']} ({job['model']}, study {job['study_uid']}) queued "
-                  f"again after {job['attempts']} attempt(s); it had failed "
-                  f"({job['error_kind']}): {job['error']}\n"
+    console.print(f"job {job.job_id} ({job.model}, study {job.study_uid}) queued "
+                  f"again after {job.attempts} attempt(s); it had failed "
+                  f"({job.error_kind}): {job.error}\n"
                   "the running node picks it up: follow it with `aiworker status`",
                   highlight=False, markup=False, soft_wrap=True)

@@ -28,6 +28,7 @@ from aiworker.dispatch.outbox import Dispatcher, default_senders
 from aiworker.infer.gate import withheld_objects
 from aiworker.polling import PollingStage
 from aiworker.store.db import StateDB
+from aiworker.store.jobs import Job
 from aiworker.store.layout import HL7_FILE, SC_FILE, SEG_FILE, SR_FILE
 from aiworker.store.outbox import NewObject, Outbox, RetryPolicy
 
@@ -154,25 +155,25 @@ class OutboxStage(PollingStage):
     def queue_done_jobs(self) -> list[str]:
         """Add the rows of every done job that sends somewhere, has its objects written
         and has no rows yet; returns the jobs queued."""
-        return [job["job_id"] for job in self.db.jobs_to_dispatch() if self.queue_job(job)]
+        return [job.job_id for job in self.db.jobs_to_dispatch() if self.queue_job(job)]
 
-    def queue_job(self, job: dict[str, Any]) -> bool:
+    def queue_job(self, job: Job) -> bool:
         """Add one done job's rows (or mark it delivered when it sends nowhere); False
         while its pipeline is not configured or its objects are not all written yet."""
-        pipeline = self.pipelines.get(job["pipeline"])
+        pipeline = self.pipelines.get(job.pipeline)
         if pipeline is None:  # no longer configured: kept until it is again
             return False
         if not pipeline.send_to:
-            self.db.mark_dispatched(job["job_id"])  # nothing to send: delivered
+            self.db.mark_dispatched(job.job_id)  # nothing to send: delivered
             return False
         objects = self._ready_objects(job, pipeline)
         if objects is None:
             return False
-        ids = self.outbox.add(job["job_id"], job["study_uid"], objects)
-        self.db.mark_dispatched(job["job_id"])
-        self.db.add_event("outbox_queued", job["study_uid"], job["series_uid"],
-                          job_id=job["job_id"], rows=len(ids))
-        log.info("job %s: %d outbox rows queued", job["job_id"], len(ids))
+        ids = self.outbox.add(job.job_id, job.study_uid, objects)
+        self.db.mark_dispatched(job.job_id)
+        self.db.add_event("outbox_queued", job.study_uid, job.series_uid,
+                          job_id=job.job_id, rows=len(ids))
+        log.info("job %s: %d outbox rows queued", job.job_id, len(ids))
         return True
 
     def send_due(self, destination: str) -> int:
@@ -192,15 +193,15 @@ class OutboxStage(PollingStage):
             sent += report.sent
         return sent
 
-    def _ready_objects(self, job: dict[str, Any], pipeline: PipelineSpec) -> list[NewObject] | None:
+    def _ready_objects(self, job: Job, pipeline: PipelineSpec) -> list[NewObject] | None:
         """The job's objects, or None while one of their files is not written yet."""
-        folder = Path(job["result_dir"])
+        folder = Path(job.result_dir)
         try:
             objects = job_objects(pipeline, self.config, folder)
         except (OSError, InvalidDicomError):
-            if job["job_id"] not in self._waiting:
-                self._waiting.add(job["job_id"])
-                log.info("job %s: waiting for its result objects", job["job_id"])
+            if job.job_id not in self._waiting:
+                self._waiting.add(job.job_id)
+                log.info("job %s: waiting for its result objects", job.job_id)
             return None
-        self._waiting.discard(job["job_id"])
+        self._waiting.discard(job.job_id)
         return objects

@@ -113,11 +113,11 @@ def study_files(db: StateDB, study_uid: str) -> StudyFiles:
     sources: dict[Path, None] = {}
     results: list[tuple[str, Path]] = []
     for job in db.jobs(study_uid):
-        if job["state"] != DONE or not job["result_dir"]:
+        if job.state != DONE or not job.result_dir:
             continue
-        for series_uid in job["inputs"].values():
+        for series_uid in job.inputs.values():
             sources.update(dict.fromkeys(Path(p) for p in db.series_instance_paths(series_uid)))
-        folder = ResultFolder(Path(job["result_dir"]))
+        folder = ResultFolder(Path(job.result_dir))
         results += [(kind, getattr(folder, kind)) for kind in RESULT_FILES
                     if getattr(folder, kind).is_file()]
     return StudyFiles(study_uid, tuple(sources), tuple(results))
@@ -126,8 +126,8 @@ def study_files(db: StateDB, study_uid: str) -> StudyFiles:
 def studies_since(db: StateDB, seconds: float, now: float | None = None) -> list[str]:
     """Studies with a job that finished within the last ``seconds``."""
     cutoff = (time.time() if now is None else now) - seconds
-    return sorted({j["study_uid"] for j in db.jobs()
-                   if j["state"] == DONE and (j["finished_at"] or 0) >= cutoff})
+    return sorted({j.study_uid for j in db.jobs()
+                   if j.state == DONE and (j.finished_at or 0) >= cutoff})
 
 
 def export(request: ExportRequest) -> ExportReport:

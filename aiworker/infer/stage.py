@@ -35,7 +35,7 @@ from aiworker.polling import PollingStage
 from aiworker.select.decide import Pipeline
 from aiworker.store.db import StateDB
 from aiworker.store.disk import free_mb
-from aiworker.store.jobs import worker_name
+from aiworker.store.jobs import Job, worker_name
 from aiworker.store.layout import ResultFolder
 
 log = logging.getLogger("aiworker.infer")
@@ -173,11 +173,11 @@ class InferenceWorker(PollingStage):
         self.run_job(job)
         return True
 
-    def run_job(self, job: dict[str, Any]) -> None:
+    def run_job(self, job: Job) -> None:
         """Run a claimed job and record how it ended (unless the node is stopping)."""
-        spec = self.settings.models.get(job["model"])
-        name = model_id(spec) if spec else job["model"]
-        log.info("job %s started: model %s, attempt %d", job["job_id"], name, job["attempts"])
+        spec = self.settings.models.get(job.model)
+        name = model_id(spec) if spec else job.model
+        log.info("job %s started: model %s, attempt %d", job.job_id, name, job.attempts)
         try:
             request, limit = self._request(job, spec)
             reply = self._ask(request, limit)
@@ -189,34 +189,34 @@ class InferenceWorker(PollingStage):
         if reply.failure is None:
             warnings = ResultFolder(Path(reply.result_dir)).header_warnings() \
                 if reply.result_dir else []
-            self.db.finish_job(job["job_id"], reply.findings or {}, timings,
+            self.db.finish_job(job.job_id, reply.findings or {}, timings,
                                reply.device or "", reply.result_dir or "", warnings)
-            log.info("job %s done: model %s on %s, %s", job["job_id"], name, reply.device,
+            log.info("job %s done: model %s on %s, %s", job.job_id, name, reply.device,
                      _show_timings(timings), extra=_log_ids(job, timings))
         else:
             failure = reply.failure
-            self.db.fail_job(job["job_id"], failure.error, failure.kind, timings, reply.device)
-            log.warning("job %s failed (%s): model %s: %s; %s", job["job_id"], failure.kind,
+            self.db.fail_job(job.job_id, failure.error, failure.kind, timings, reply.device)
+            log.warning("job %s failed (%s): model %s: %s; %s", job.job_id, failure.kind,
                         name, failure.error, _show_timings(timings),
                         extra=_log_ids(job, timings))
 
-    def _request(self, job: dict[str, Any], spec: ModelSpec | None
+    def _request(self, job: Job, spec: ModelSpec | None
                  ) -> tuple[JobRequest, float]:
         """The message for the inference process (the model and, per input channel, the
         paths of the series' stored instances) and the job's time limit in seconds."""
         if spec is None:
-            raise ModelError(f"model {job['model']!r} is not the model of any configured "
+            raise ModelError(f"model {job.model!r} is not the model of any configured "
                              f"pipeline (models: {', '.join(sorted(self.settings.models))})")
         inputs = []
-        for role in channel_roles(list(job["inputs"]), spec):
-            paths = self.db.series_instance_paths(job["inputs"][role])
+        for role in channel_roles(list(job.inputs), spec):
+            paths = self.db.series_instance_paths(job.inputs[role])
             if not paths:
-                raise VolumeError(f"series {job['inputs'][role]} ({role}) has no stored "
+                raise VolumeError(f"series {job.inputs[role]} ({role}) has no stored "
                                   "instances")
             inputs.append(paths)
-        request = JobRequest(job["job_id"], job["model"], inputs,
-                             self.settings.results_dir / job["job_id"],
-                             self.settings.object_options.get(job["pipeline"], {}))
+        request = JobRequest(job.job_id, job.model, inputs,
+                             self.settings.results_dir / job.job_id,
+                             self.settings.object_options.get(job.pipeline, {}))
         return request, self.time_limit_s or spec.manifest.inference.time_limit_s
 
     def _ask(self, request: JobRequest, limit: float) -> JobReply | None:
@@ -287,10 +287,10 @@ def _failure(kind: str, error: str) -> JobReply:
     return JobReply.failed(Failure(kind, error))
 
 
-def _log_ids(job: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+def _log_ids(job: Job, timings: dict[str, float]) -> dict[str, Any]:
     """The ids and duration a JSON log line of the job carries."""
-    return {"job_id": job["job_id"], "study_uid": job["study_uid"],
-            "series_uid": job["series_uid"], "duration_s": timings.get("total")}
+    return {"job_id": job.job_id, "study_uid": job.study_uid,
+            "series_uid": job.series_uid, "duration_s": timings.get("total")}
 
 
 def _show_timings(timings: dict[str, float]) -> str:

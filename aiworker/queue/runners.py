@@ -73,7 +73,7 @@ class StageRunners:
         jobs = self.db.jobs_to_dispatch(job_id)
         if not jobs or self.outbox.queue_job(jobs[0]):
             return
-        pipeline = self.outbox.pipelines.get(jobs[0]["pipeline"])
+        pipeline = self.outbox.pipelines.get(jobs[0].pipeline)
         if pipeline is not None and pipeline.send_to:
             raise NotThereYet(f"job {job_id}: its result objects are not all there yet")
 

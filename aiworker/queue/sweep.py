@@ -36,7 +36,7 @@ def owed_jobs(db: StateDB, pipelines: list[str], now: float) -> list[OwedJob]:
     owed = [OwedJob("select", uid) for uid, _, _ in db.awaiting_selection(pipelines)]
     owed += [OwedJob("infer", row["job_id"], row["model"]) for row in db.query(
         "SELECT job_id, model FROM jobs WHERE state = ? ORDER BY created_at", (QUEUED,))]
-    owed += [OwedJob("results", job["job_id"]) for job in db.jobs_to_dispatch()]
+    owed += [OwedJob("results", job.job_id) for job in db.jobs_to_dispatch()]
     owed += [OwedJob("outbox", row["destination"]) for row in db.query(
         "SELECT DISTINCT destination FROM outbox WHERE state = ? AND next_attempt_at <= ?",
         (PENDING, now))]

@@ -11,6 +11,7 @@ far). A job still ``running`` when the node starts was cut off by a crash and is
 (:meth:`JobTable.retry_job`). The outbox stage marks a done job ``dispatched`` once it has
 queued its rows (or found it sends nowhere), which retention waits for. Each change adds an
 event (``job_started``, ``job_done``, ``job_failed``, ``job_requeued``, ``job_retried``).
+Every method that returns a job returns a :class:`Job`, its JSON columns decoded.
 """
 
 from __future__ import annotations
@@ -61,6 +62,58 @@ class NewJob:
         return next(iter(self.inputs.values()))
 
 
+@dataclass(frozen=True)
+class Job:
+    """One ``jobs`` row as the stages hand it on: every column, the JSON ones decoded
+    (``inputs`` role -> series UID; ``timings`` and ``findings`` None until recorded;
+    ``warnings`` the header warnings its result objects recorded, empty until done)."""
+
+    job_id: str
+    job_key: str
+    pipeline: str
+    model: str
+    study_uid: str
+    series_uid: str  # the series of the first role: the one a job is listed under
+    inputs: dict[str, str]
+    state: str  # one of aiworker.store.states' job states
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    device: str | None
+    timings: dict[str, float] | None
+    findings: dict[str, Any] | None
+    error: str | None
+    error_kind: str | None  # one of ERROR_KINDS when failed
+    result_dir: str | None
+    dispatched_at: float | None
+    warnings: list[dict[str, Any]]
+    worker: str | None  # host:pid of the process that ran it last
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        """A ``SELECT *`` (or ``RETURNING *``) row of ``jobs``, on SQLite or PostgreSQL."""
+        data = dict(row)
+        return cls(
+            job_id=data["job_id"], job_key=data["job_key"], pipeline=data["pipeline"],
+            model=data["model"], study_uid=data["study_uid"], series_uid=data["series_uid"],
+            inputs=json.loads(data["inputs"]), state=data["state"],
+            created_at=data["created_at"], updated_at=data["updated_at"],
+            started_at=data.get("started_at"), finished_at=data.get("finished_at"),
+            attempts=data.get("attempts") or 0, device=data.get("device"),
+            timings=_json_or_none(data.get("timings")),
+            findings=_json_or_none(data.get("findings")),
+            error=data.get("error"), error_kind=data.get("error_kind"),
+            result_dir=data.get("result_dir"), dispatched_at=data.get("dispatched_at"),
+            warnings=_json_or_none(data.get("warnings")) or [], worker=data.get("worker"))
+
+
+def _json_or_none(text: str | None) -> Any:
+    """A JSON column's value; None for NULL (or an empty text)."""
+    return json.loads(text) if text else None
+
+
 # the jobs a reference names: a prefix of the job_id or of the job_key
 _BY_REF = ("SELECT * FROM jobs WHERE SUBSTR(job_id, 1, ?) = ? OR SUBSTR(job_key, 1, ?) = ?"
            " ORDER BY created_at, job_id")
@@ -73,15 +126,15 @@ class JobTable:
     _query: Callable[..., list[Any]]
     handoff: NoHandoff
 
-    def jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+    def jobs(self, study_uid: str | None = None) -> list[Job]:
         """Jobs, oldest first; only one study's when ``study_uid`` is given."""
         sql, params = "SELECT * FROM jobs", ()
         if study_uid is not None:
             sql, params = sql + " WHERE study_uid = ?", (study_uid,)
         rows = self._query(sql + " ORDER BY created_at, job_id", params)
-        return [job_row(r) for r in rows]
+        return [Job.from_row(r) for r in rows]
 
-    def jobs_to_dispatch(self, job_id: str | None = None) -> list[dict[str, Any]]:
+    def jobs_to_dispatch(self, job_id: str | None = None) -> list[Job]:
         """Done jobs (or only ``job_id``) with a result folder that the outbox stage has not
         handed on yet (no outbox row, not marked by :meth:`mark_dispatched`), oldest
         first."""
@@ -91,7 +144,7 @@ class JobTable:
             " AND dispatched_at IS NULL"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id)"
             " ORDER BY finished_at, job_id", (DONE, *(() if job_id is None else (job_id,))))
-        return [job_row(r) for r in rows]
+        return [Job.from_row(r) for r in rows]
 
     def mark_dispatched(self, job_id: str, now: float | None = None) -> None:
         """The outbox stage has queued the job's rows, or found it sends nowhere: until
@@ -104,20 +157,20 @@ class JobTable:
         """Whether a job waits (a read, cheaper than :meth:`claim_job`'s write lock)."""
         return bool(self._query("SELECT 1 FROM jobs WHERE state = ? LIMIT 1", (QUEUED,)))
 
-    def claim_job(self, worker: str | None = None) -> dict[str, Any] | None:
+    def claim_job(self, worker: str | None = None) -> Job | None:
         """Take the oldest queued job: it becomes ``running`` with one more attempt in a
         single statement, so two workers never take the same job; ``worker`` (this process,
         by default) is recorded as the one running it. None when none waits."""
         return self._claim("state = ? AND job_id = (SELECT job_id FROM jobs WHERE state = ?"
                            " ORDER BY created_at, job_id LIMIT 1)", (QUEUED, QUEUED), worker)
 
-    def claim_job_id(self, job_id: str, worker: str | None = None) -> dict[str, Any] | None:
+    def claim_job_id(self, job_id: str, worker: str | None = None) -> Job | None:
         """Take one job for an ``infer`` queue job: when queued, or when ``running`` (its
         queue job is the only one of that job that runs - procrastinate's lock - so a running
         row is one whose worker was killed). None when it is done, failed or superseded."""
         return self._claim("job_id = ? AND state IN (?, ?)", (job_id, QUEUED, RUNNING), worker)
 
-    def _claim(self, where: str, params: tuple, worker: str | None) -> dict[str, Any] | None:
+    def _claim(self, where: str, params: tuple, worker: str | None) -> Job | None:
         now = time.time()
         with self._transaction() as cur:
             row = cur.execute(
@@ -129,7 +182,7 @@ class JobTable:
                 write_event(cur, "job_started", row["study_uid"], row["series_uid"], None,
                             job_id=row["job_id"], model=row["model"], attempt=row["attempts"],
                             worker=row["worker"])
-        return None if row is None else job_row(row)
+        return None if row is None else Job.from_row(row)
 
     def finish_job(self, job_id: str, findings: dict[str, Any], timings: dict[str, float],
                    device: str, result_dir: str,
@@ -198,7 +251,7 @@ class JobTable:
                             job_id=row["job_id"], model=row["model"], reason=reason)
         return [row["job_id"] for row in rows]
 
-    def find_job(self, ref: str) -> dict[str, Any]:
+    def find_job(self, ref: str) -> Job:
         """The one job ``ref`` names: its job_id, or a prefix of its job_id or job_key.
         Raises :class:`JobError` when it names none or several."""
         ref = ref.strip()
@@ -206,7 +259,7 @@ class JobTable:
             raise JobError("give a job id (or its first characters)")
         return _only_job(ref, self._query(_BY_REF, (len(ref), ref, len(ref), ref)))
 
-    def retry_job(self, ref: str) -> dict[str, Any]:
+    def retry_job(self, ref: str) -> Job:
         """Queue a failed job again; ``ref`` is its job_id or a prefix of its job_id or
         job_key. Returns the job as it was before. Raises :class:`JobError` when ``ref``
         names no job, several jobs, or a job that is not ``failed``."""
@@ -217,17 +270,17 @@ class JobTable:
         with self._transaction() as cur:
             rows = cur.execute(_BY_REF, (len(ref), ref, len(ref), ref)).fetchall()
             job = _only_job(ref, rows)
-            if job["state"] != FAILED:
-                raise JobError(f"job {job['job_id']} is {job['state']}, not failed: only a "
+            if job.state != FAILED:
+                raise JobError(f"job {job.job_id} is {job.state}, not failed: only a "
                                "failed job can be retried")
             cur.execute(
                 "UPDATE jobs SET state = ?, updated_at = ?, finished_at = NULL, error = NULL,"
                 " error_kind = NULL, findings = NULL, device = NULL, result_dir = NULL"
-                " WHERE job_id = ?", (QUEUED, now, job["job_id"]))
-            self.handoff.infer(cur, job["job_id"], job["model"])
-            write_event(cur, "job_retried", job["study_uid"], job["series_uid"], None,
-                        job_id=job["job_id"], model=job["model"], error_kind=job["error_kind"],
-                        error=job["error"], attempts=job["attempts"])
+                " WHERE job_id = ?", (QUEUED, now, job.job_id))
+            self.handoff.infer(cur, job.job_id, job.model)
+            write_event(cur, "job_retried", job.study_uid, job.series_uid, None,
+                        job_id=job.job_id, model=job.model, error_kind=job.error_kind,
+                        error=job.error, attempts=job.attempts)
         return job
 
 
@@ -236,21 +289,11 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def job_row(row: Any) -> dict[str, Any]:
-    """A jobs row as a dict, its JSON columns parsed."""
-    job = dict(row)
-    job["inputs"] = json.loads(job["inputs"])
-    for column in ("timings", "findings"):
-        job[column] = json.loads(job[column]) if job.get(column) else None
-    job["warnings"] = json.loads(job["warnings"]) if job.get("warnings") else []
-    return job
-
-
-def _only_job(ref: str, rows: list[Any]) -> dict[str, Any]:
+def _only_job(ref: str, rows: list[Any]) -> Job:
     """The one job ``ref`` names: an exact job_id wins over prefixes."""
     exact = [row for row in rows if row["job_id"] == ref]
     if exact or len(rows) == 1:
-        return job_row((exact or rows)[0])
+        return Job.from_row((exact or rows)[0])
     if not rows:
         raise JobError(f"no job {ref!r}: see `aiworker status` for job ids")
     shown = ", ".join(row["job_id"] for row in rows[:5])

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiworker.store.db import StateDB
 from aiworker.store.events import PROBLEM_EVENTS
+from aiworker.store.jobs import Job
 from aiworker.store.outbox import DEAD, SENT, Outbox, OutboxRow
 from aiworker.store.workers import SILENT_AFTER_S
 
@@ -85,7 +86,7 @@ def problem_json(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def study_json(study: dict[str, Any], selections: list[dict[str, Any]],
-               jobs: list[dict[str, Any]], outbox: list[OutboxRow]) -> dict[str, Any]:
+               jobs: list[Job], outbox: list[OutboxRow]) -> dict[str, Any]:
     """The stable ``status --json`` shape of one study (documented in the README)."""
     decisions = {d["pipeline"]: d for d in selections if d["study_uid"] == study["study_uid"]}
     verdicts, features = series_explanations(decisions.values())
@@ -120,8 +121,8 @@ def study_json(study: dict[str, Any], selections: list[dict[str, Any]],
             for s in study["series"]
         ],
         "selection": {
-            pipeline: selection_json(decision, [j for j in jobs if j["pipeline"] == pipeline
-                                                and j["study_uid"] == study["study_uid"]])
+            pipeline: selection_json(decision, [j for j in jobs if j.pipeline == pipeline
+                                                and j.study_uid == study["study_uid"]])
             for pipeline, decision in sorted(decisions.items())
         },
         "outbox": [outbox_json(r) for r in outbox if r.study_uid == study["study_uid"]],
@@ -141,7 +142,7 @@ def series_explanations(decisions: Iterable[dict[str, Any]]
     return verdicts, features
 
 
-def selection_json(decision: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, Any]:
+def selection_json(decision: dict[str, Any], jobs: list[Job]) -> dict[str, Any]:
     """The stable ``status --json`` shape of one pipeline's decision on a study."""
     explanation = decision["explanation"]
     return {
@@ -154,16 +155,16 @@ def selection_json(decision: dict[str, Any], jobs: list[dict[str, Any]]) -> dict
     }
 
 
-def job_json(job: dict[str, Any]) -> dict[str, Any]:
-    """The stable ``status --json`` shape of one job."""
-    return {"job_id": job["job_id"], "job_key": job["job_key"], "state": job["state"],
-            "model": job["model"], "series_uid": job["series_uid"], "inputs": job["inputs"],
-            "created_at": when(job["created_at"]), "updated_at": when(job["updated_at"]),
-            "started_at": when(job["started_at"]), "finished_at": when(job["finished_at"]),
-            "attempts": job["attempts"], "device": job["device"], "timings": job["timings"],
-            "findings": job["findings"], "error_kind": job["error_kind"], "error": job["error"],
-            "result_dir": job["result_dir"], "warnings": job["warnings"],
-            "worker": job.get("worker")}
+def job_json(job: Job) -> dict[str, Any]:
+    """The stable ``status --json`` shape of one job (the same keys, in the same order, as
+    when jobs were dicts of their row)."""
+    return {"job_id": job.job_id, "job_key": job.job_key, "state": job.state,
+            "model": job.model, "series_uid": job.series_uid, "inputs": job.inputs,
+            "created_at": when(job.created_at), "updated_at": when(job.updated_at),
+            "started_at": when(job.started_at), "finished_at": when(job.finished_at),
+            "attempts": job.attempts, "device": job.device, "timings": job.timings,
+            "findings": job.findings, "error_kind": job.error_kind, "error": job.error,
+            "result_dir": job.result_dir, "warnings": job.warnings, "worker": job.worker}
 
 
 # --- how far a study got --------------------------------------------------------------

@@ -42,7 +42,7 @@ def export_study(request: Request, study_uid: str, profile: str) -> ExportReport
     web = request.app.state.web
     if profile not in PROFILES:
         raise BadProfile(f"unknown profile {profile!r}: use {', '.join(PROFILES)}")
-    if not any(job["state"] == DONE for job in web.db.jobs(study_uid)):
+    if not any(job.state == DONE for job in web.db.jobs(study_uid)):
         raise NoExport(f"study {study_uid} has no done job: nothing to export")
     out_dir = node_export_dir(web.config.storage.data_dir, study_uid)
     return export_studies(web.db, [study_uid], out_dir, Options.of(profile), profile,

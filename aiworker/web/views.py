@@ -79,7 +79,7 @@ class Views:
 
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
         """Jobs, newest first, optionally of one state."""
-        jobs = [job_json(j) | {"study_uid": j["study_uid"], "pipeline": j["pipeline"]}
+        jobs = [job_json(j) | {"study_uid": j.study_uid, "pipeline": j.pipeline}
                 for j in reversed(self.db.jobs())]
         return [j for j in jobs if state is None or j["state"] == state]
 
