@@ -22,6 +22,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import procrastinate
+from procrastinate.exceptions import ConnectorException, UniqueViolation
+from procrastinate.jobs import Job, Status
+
 from aiworker.config import Config
 from aiworker.queue.runners import StageRunners
 from aiworker.queue.sweep import sweep
@@ -147,9 +151,7 @@ class QueueWorker:
                 stalled = await app.job_manager.get_stalled_jobs(
                     seconds_since_heartbeat=STALLED_S)
                 for job in stalled:
-                    log.warning("job %s (%s) of a worker that stopped sending heartbeats: "
-                                "queued again", job.id, job.queueing_lock)
-                    await app.job_manager.retry_job(job)
+                    await _hand_back(app, job)
                 await loop.run_in_executor(self.stage_threads, self._announce)
             except Exception:  # the next sweep tries again
                 log.exception("sweep failed")
@@ -158,3 +160,24 @@ class QueueWorker:
     def _announce(self) -> None:
         self.db.announce_worker(self.name, self.queues, self.runners.devices(),
                                 self.started_at)
+
+
+async def _hand_back(app: procrastinate.App, job: Job) -> None:
+    """Queue the job of a worker that stopped sending heartbeats again; if its key was
+    deferred again meanwhile (a job of that key waits already), drop the stalled one
+    instead: the waiting job does the same work, and the stalled one's lock would keep it
+    from ever starting. Another worker's sweep may have handed it back first: then there is
+    nothing left to do."""
+    try:
+        try:
+            await app.job_manager.retry_job(job)
+            outcome = "queued again"
+        except UniqueViolation:
+            await app.job_manager.finish_job(job, status=Status.ABORTED, delete_job=True)
+            outcome = "dropped, a job of the same key waits already"
+    except ConnectorException as exc:
+        log.info("job %s (%s): handed back by another worker (%s)", job.id,
+                 job.queueing_lock, exc)
+        return
+    log.warning("job %s (%s) of a worker that stopped sending heartbeats: %s", job.id,
+                job.queueing_lock, outcome)
