@@ -688,3 +688,27 @@ def test_a_full_disk_fails_a_job_as_resource_and_it_runs_again_once_there_is_roo
             assert job(db, waiting).state == "queued"
         finally:
             inferrer.stop()
+
+
+def test_a_job_whose_outcome_cannot_be_recorded_runs_again(worker, db, series, monkeypatch):
+    """The state refuses the job's outcome (its disk full, say): the job is not left
+    ``running`` for ever; the next tick queues it again and runs it."""
+    while worker.tick():  # the jobs earlier tests left queued run first
+        pass
+    job_id = queue(db, series())
+    record = db.finish_job
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(db, "finish_job", record)  # the disk has room again
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(db, "finish_job", full)
+    with pytest.raises(sqlite3.OperationalError):
+        worker.tick()
+    assert job(db, job_id).state == "running"
+    for _ in range(3):
+        if job(db, job_id).state == "done":
+            break
+        worker.tick()
+    assert (job(db, job_id).state, job(db, job_id).attempts) == ("done", 2)
+    assert "job_requeued" in event_kinds(db)

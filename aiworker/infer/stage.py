@@ -103,6 +103,7 @@ class InferenceWorker(PollingStage):
         self.disk_check_s = DISK_CHECK_S
         self._disk_checked_at = -DISK_CHECK_S
         self._disk_ok = True
+        self._cut_off = False  # a claimed job's run or record raised: queue it again
 
     def start(self) -> None:
         for name, spec in sorted(self.settings.models.items()):
@@ -117,11 +118,11 @@ class InferenceWorker(PollingStage):
         self._stop_process()  # the thread stops it; not when it never ran
         self.requeue_own()
 
-    def requeue_own(self) -> None:
+    def requeue_own(self, reason: str = "node stopped") -> None:
         """Queue again the jobs this process was running (on a shared state, only its own:
         other workers' jobs run on)."""
         worker = worker_name() if self.db.shared else None
-        requeued = self.db.requeue_running("node stopped", worker=worker)
+        requeued = self.db.requeue_running(reason, worker=worker)
         if requeued:
             log.info("jobs %s were running and are queued again", ", ".join(requeued))
 
@@ -165,12 +166,19 @@ class InferenceWorker(PollingStage):
     def tick(self) -> bool:
         """Run the oldest queued job, if there is one and the disk has room; True when one
         ran."""
+        if self._cut_off:  # the last job raised (the state full or locked): run it again
+            self.requeue_own("its run could not be recorded")
+            self._cut_off = False
         if not self._disk_has_room():
             return False
         job = self.db.claim_job() if self.db.has_queued_job() else None
         if job is None:
             return False
-        self.run_job(job)
+        try:
+            self.run_job(job)
+        except Exception:  # left running, no run would ever end it: queued again next tick
+            self._cut_off = True
+            raise
         return True
 
     def run_job(self, job: Job) -> None:
