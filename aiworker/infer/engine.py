@@ -36,8 +36,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,6 +51,8 @@ from aiworker.infer.manifest import Manifest, ModelError
 from aiworker.infer.preprocess import ModelInput, labels_image, model_input, voxel_ml
 from aiworker.infer.registry import ModelSpec, load_model, model_id
 from aiworker.infer.volume import LoadedSeries, labels_to_series
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class Engine:
         prepared = model_input([s.image for s in series], self.manifest.input)
         timings["preprocess"] = _since(started)
         started = time.perf_counter()
-        logits, device = self._infer_with_fallback(prepared.array)
+        logits, device = self._with_cpu_fallback(lambda on: self.infer(prepared.array, on))
         timings["model"] = _since(started)
         started = time.perf_counter()
         labels = self.labels_from_logits(logits)
@@ -151,7 +154,8 @@ class Engine:
         prepared = whole.prepare([s.image for s in series], self.manifest)
         timings["preprocess"] = _since(started)
         started = time.perf_counter()
-        found, device = self._call_with_fallback([p.array for p in prepared])
+        found, device = self._with_cpu_fallback(
+            lambda on: self.call([p.array for p in prepared], on))
         timings["model"] = _since(started)
         started = time.perf_counter()
         segmentation, confidence = self.manifest.outputs.segmentation, None
@@ -271,17 +275,18 @@ class Engine:
                              f"{shapes}: {_first_line(exc)}") from exc
         return whole.outputs(returned, self.model_id)
 
-    def _call_with_fallback(self, arrays: list[np.ndarray]
-                            ) -> tuple[whole.Outputs, torch.device]:
+    def _with_cpu_fallback(self, run: Callable[[torch.device], T]) -> tuple[T, torch.device]:
+        """``run`` on the engine's device and that device; on the CPU instead when the GPU
+        failed it (out of memory, a CUDA error)."""
         try:
-            return self.call(arrays), self.device
+            return run(self.device), self.device
         except ResourceError:
             if self.device.type != "cuda":
                 raise
             log.warning("model %s: GPU failed, running this series on the CPU", self.model_id)
             torch.cuda.empty_cache()
             cpu = torch.device("cpu")
-            return self.call(arrays, cpu), cpu
+            return run(cpu), cpu
 
     def labels_from_logits(self, logits: np.ndarray) -> np.ndarray:
         """Argmax label map (x, y, z) uint8, cut to largest parts if the manifest says so."""
@@ -301,17 +306,6 @@ class Engine:
         spacing = prepared.reference.GetSpacing()
         return {head.name: findings.classify(head, labels, prepared.array[0], spacing)
                 for head in self.manifest.outputs.classification}
-
-    def _infer_with_fallback(self, array: np.ndarray) -> tuple[np.ndarray, torch.device]:
-        try:
-            return self.infer(array), self.device
-        except ResourceError:
-            if self.device.type != "cuda":
-                raise
-            log.warning("model %s: GPU failed, running this series on the CPU", self.model_id)
-            torch.cuda.empty_cache()
-            cpu = torch.device("cpu")
-            return self.infer(array, cpu), cpu
 
     def _on_cpu(self) -> torch.nn.Module:
         if self._cpu_network is None:
