@@ -81,10 +81,11 @@ def _config(tmp_path: Path, pg_url: str, scp_port: int, ris_port: int) -> dict[s
 
 def _receiver(tmp_path: Path, config: dict[str, Any], name: str,
               web_port: int | None = None) -> NodeProcess:
-    """A receiver of the site's config on its own DICOM port (and dashboard port)."""
+    """A receiver of the site's config on its own DICOM port (and dashboard port), not
+    started yet."""
     own = dict(config, node=dict(config["node"], port=free_port()),
                web={"enabled": web_port is not None, "port": web_port or free_port()})
-    return NodeProcess(tmp_path, name, own, args=("--role", "receive")).start()
+    return NodeProcess(tmp_path, name, own, args=("--role", "receive"))
 
 
 def _worker(tmp_path: Path, config: dict[str, Any], name: str) -> subprocess.Popen:
@@ -146,9 +147,12 @@ def test_two_receivers_and_workers_on_postgresql_survive_kill_9_anywhere(
     web_port = free_port()
     first = _receiver(tmp_path, config, "receiver1", web_port)
     second = _receiver(tmp_path, config, "receiver2")
-    workers = {f"worker{n}": _worker(tmp_path, config, f"worker{n}") for n in (1, 2)}
+    workers: dict[str, subprocess.Popen] = {}
     db = StateDB(pg_url)
     try:
+        first.start()
+        second.start()
+        workers = {f"worker{n}": _worker(tmp_path, config, f"worker{n}") for n in (1, 2)}
         studies = [write_study(tmp_path / f"knee{seed}", StudyOptions(
             seed=seed, rescan=False, derived=False,
             overrides=Overrides(roles=("sag_pd_fs",), matrix=64))) for seed in (54, 55)]
