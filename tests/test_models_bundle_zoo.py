@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-from support import needs_dcmtk, wait_until
+from support import dciodvfy_errors, needs_dcmtk, wait_until
 from test_e2e_orthanc import orthanc_results
 from test_infer_e2e import send, wait_for_job
 
@@ -29,7 +29,7 @@ from aiworker.infer.registry import Registry, load_model
 from aiworker.infer.volume import LoadedSeries
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
-from aiworker.store.layout import LABELS_FILE
+from aiworker.store.layout import LABELS_FILE, SEG_FILE, SR_FILE
 
 NET = '''import torch
 from monai.networks.nets import UNet
@@ -241,3 +241,5 @@ def test_a_zoo_bundle_through_the_node_lands_in_orthanc(node_factory, orthanc_fa
     assert voxels == {value: int((labels == value).sum()) for value in (1, 2)}
     assert all(voxels.values())  # the random network labels some voxels of each
     assert objects["SR"].ContentSequence  # the SR names the bundle's findings
+    for name in (SEG_FILE, SR_FILE):
+        assert dciodvfy_errors(Path(job["result_dir"]) / name) == [], name

@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 from nnunet_support import manifest, plans, write_manifest, write_model, write_results
-from support import needs_dcmtk, wait_until
+from support import dciodvfy_errors, needs_dcmtk, wait_until
 from test_e2e_orthanc import orthanc_results
 from test_infer_e2e import send, wait_for_job
 
@@ -34,7 +34,7 @@ from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
 from aiworker.phantom.truth import truth_series
 from aiworker.results.uids import result_uid
-from aiworker.store.layout import LABELS_FILE
+from aiworker.store.layout import LABELS_FILE, SEG_FILE, SR_FILE
 
 PREDICT = Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"
 # the phantom's sagittal PD FS is 2.92 x 2.92 x 3.6 mm: nnU-Net resamples it to the plans'
@@ -179,6 +179,8 @@ def test_a_sent_study_gets_nnunets_labels_in_its_seg_and_sr(node_factory, orthan
     objects = wait_until(lambda: orthanc_results(orthanc, study.study_uid), 30,
                          "the SEG and SR in Orthanc")
     seg, sr = objects["SEG"], objects["SR"]
+    for name in (SEG_FILE, SR_FILE):
+        assert dciodvfy_errors(Path(job["result_dir"]) / name) == [], name
     model_id = "knee-nnunet@1.0.0"
     assert seg.SOPInstanceUID == result_uid(target.uid, model_id, "seg")
     assert sr.SOPInstanceUID == result_uid(target.uid, model_id, "sr")
