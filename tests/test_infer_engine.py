@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from infer_support import Threshold, dice, manifest, series_of, slices_with, write_model
+from helpers.infer import Threshold, dice, manifest, series_of, slices_with, write_model
 from monai.networks.blocks import Convolution
 from monai.networks.nets import UNet
 
@@ -191,7 +191,7 @@ def test_out_of_gpu_memory_runs_the_series_on_the_cpu(tmp_path, source, monkeypa
 
     def infer(array, device=None):
         devices.append(device)
-        if device is None:
+        if device.type == "cuda":
             raise ResourceError("out of GPU memory on cuda:0")
         return real_infer(array, device)
 
@@ -199,7 +199,7 @@ def test_out_of_gpu_memory_runs_the_series_on_the_cpu(tmp_path, source, monkeypa
     monkeypatch.setattr(engine, "_on_cpu", lambda: engine.network)
     result = engine.run([source])
 
-    assert devices == [None, torch.device("cpu")] and result.device == "cpu"
+    assert devices == [torch.device("cuda"), torch.device("cpu")] and result.device == "cpu"
     np.testing.assert_array_equal(result.labels, expected)
 
 
