@@ -2,7 +2,7 @@
 """An nnU-Net v2 model through ``aiworker infer`` and through ``nnUNetv2_predict_from_modelfolder``
 on the same series, in the same run: seconds per step, wall time and peak RSS of each.
 
-Builds a model from a plans file with random weights (tests/nnunet_support.py: a three-stage
+Builds a model from a plans file with random weights (tests/helpers/nnunet.py: a three-stage
 PlainConvUNet, patch ``--patch``, features ``--features``, ``--folds`` folds, mirroring on)
 and a phantom study (one sagittal PD FS of ``--matrix`` square, ``--slices`` slices), then
 runs, one after the other, each as its own process on the CPU:
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
-from nnunet_support import manifest, plans, write_model  # noqa: E402
+from helpers.nnunet import manifest, plans, write_model  # noqa: E402
 
 from aiworker.infer.volume import load_series  # noqa: E402
 from aiworker.phantom.protocol import Overrides  # noqa: E402

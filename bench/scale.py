@@ -6,7 +6,7 @@ Setups, each fresh (its own data folder, database, PACS and RIS), in one run:
 
 * ``sqlite``: one ``aiworker serve`` (no role), the SQLite state file; its stages poll;
 * ``pg-N``: one ``aiworker serve --role receive`` and N ``aiworker worker`` (every queue)
-  on one database of a throwaway PostgreSQL cluster (tests/pg_cluster.py).
+  on one database of a throwaway PostgreSQL cluster (tests/helpers/pg_cluster.py).
 
 Every process runs inference on the CPU with ``inference.threads: 1``. Each setup gets the
 same phantom studies (one sagittal PD FS series, 64x64): ``--studies`` sent at once with
@@ -46,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import OUT, PROCS, find_dcmtk, git_revision  # noqa: E402
-from pg_cluster import PgCluster, PgClusterError  # noqa: E402
+from helpers.pg_cluster import PgCluster, PgClusterError  # noqa: E402
 from scale_parts import (  # noqa: E402
     Setup,
     node_config,

@@ -15,17 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_cluster import PgCluster, PgClusterError
-from support import (
-    DCMTK_MISSING,
-    HAVE_DCMTK,
-    ORTHANC,
-    ORTHANC_MISSING,
-    NodeProcess,
-    OrthancProcess,
-    Study,
-    node_config,
-)
+from helpers.node import NodeProcess, Study, node_config
+from helpers.orthanc import OrthancProcess
+from helpers.pg_cluster import PgCluster, PgClusterError
+from helpers.tools import DCMTK_MISSING, HAVE_DCMTK, ORTHANC, ORTHANC_MISSING
 
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
@@ -81,8 +74,8 @@ def make_study(tmp_path: Path) -> Callable[..., Study]:
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
-    """A throwaway PostgreSQL cluster for the whole session (tests/pg_cluster.py), stopped at
-    the end; the tests using it skip, with the reason, when none can be started here."""
+    """A throwaway PostgreSQL cluster for the whole session (tests/helpers/pg_cluster.py),
+    stopped at the end; the tests using it skip, with the reason, when none can be started here."""
     try:
         cluster = PgCluster().start()
     except PgClusterError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support import dcmtk, needs_dcmtk, wait_until
+from helpers.tools import dcmtk, needs_dcmtk, wait_until
 
 from aiworker.config import AllowedCaller
 from aiworker.receive.access import AllowList

@@ -9,7 +9,8 @@ import struct
 import time
 
 import pytest
-from support import dcmtk, needs_dcmtk, raw_echo, wait_until
+from helpers.dicom import raw_echo
+from helpers.tools import dcmtk, needs_dcmtk, wait_until
 
 TIMEOUT_S = 2.0
 SLACK_S = 4.0  # a timer tick, the thread's exit and a loaded 2-core machine

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import AIWORKER, DEFAULT_CONFIG
+from helpers.tools import AIWORKER, DEFAULT_CONFIG
 
 from aiworker.config import Config, ConfigError, load_config
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.results import MANIFEST, MODEL_ID, truth_run
+from helpers.tools import REPO
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -43,8 +45,6 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
-from results_support import MANIFEST, MODEL_ID, truth_run
-from support import REPO
 
 from aiworker.dispatch import mllp
 from aiworker.dispatch.outbox import SENT, send_dicom

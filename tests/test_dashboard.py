@@ -15,8 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset
-from web_support import (
+from helpers.web import (
     CHROMIUM,
     TOKEN,
     attempt,
@@ -26,6 +25,7 @@ from web_support import (
     serving,
     web_config,
 )
+from pydicom.dataset import Dataset
 
 from aiworker.results.patient import read_patient_study
 from aiworker.store.db import StateDB

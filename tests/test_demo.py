@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+from helpers.tools import AIWORKER, free_port
 from PIL import Image
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
-from support import AIWORKER, free_port
 
 DISCLAIMER = "Preliminary AI result, not verified by a radiologist, not for diagnostic use."
 

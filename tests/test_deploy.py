@@ -35,18 +35,10 @@ import kubernetes_validate
 import pydicom
 import pytest
 import yaml
-from k8s_support import K8S_VERSIONS, kubectl_kustomize, needs_kubectl, validate_k8s
-from support import (
-    REPO,
-    NodeProcess,
-    OrthancProcess,
-    dcmtk,
-    deep_merge,
-    free_port,
-    needs_dcmtk,
-    needs_orthanc,
-    wait_until,
-)
+from helpers.k8s import K8S_VERSIONS, kubectl_kustomize, needs_kubectl, validate_k8s
+from helpers.node import NodeProcess
+from helpers.orthanc import OrthancProcess
+from helpers.tools import REPO, dcmtk, deep_merge, free_port, needs_dcmtk, needs_orthanc, wait_until
 from test_infer_e2e import HELD_OUT_SEED, needs_knee_demo
 
 from aiworker.config import Config, load_config

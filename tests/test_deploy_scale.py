@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
-from k8s_support import kubectl_kustomize, needs_kubectl, validate_k8s
-from support import REPO
+from helpers.k8s import kubectl_kustomize, needs_kubectl, validate_k8s
+from helpers.tools import REPO
 
 from aiworker.config import load_config
 

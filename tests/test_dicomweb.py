@@ -25,21 +25,12 @@ import pytest
 import requests
 import yaml
 from dicomweb_client.api import DICOMwebClient
+from helpers.dicom import dataset_bytes
+from helpers.node import NodeProcess, node_config, running_node
+from helpers.orthanc import OrthancProcess
+from helpers.results import MANIFEST, MODEL_ID, truth_run
+from helpers.tools import AIWORKER, ORTHANC, ORTHANC_MISSING, free_port, port_open, wait_until
 from pydicom.dataset import Dataset
-from results_support import MANIFEST, MODEL_ID, truth_run
-from support import (
-    AIWORKER,
-    ORTHANC,
-    ORTHANC_MISSING,
-    NodeProcess,
-    OrthancProcess,
-    dataset_bytes,
-    free_port,
-    node_config,
-    port_open,
-    running_node,
-    wait_until,
-)
 
 from aiworker.config import ConfigError, DicomWebDestination, load_config
 from aiworker.dispatch.dicomweb import (

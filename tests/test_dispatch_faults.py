@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.tools import dcmtk_env, free_port, needs_dcmtk, port_open, wait_until
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import SegmentationStorage
-from support import dcmtk_env, free_port, needs_dcmtk, port_open, wait_until
 
 from aiworker.config import DicomDestination, HL7Destination
 from aiworker.dispatch.mllp import MllpReceiver

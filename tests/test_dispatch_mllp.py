@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from support import free_port
+from helpers.tools import free_port
 
 from aiworker.dispatch.mllp import DEAD, DELIVERED, RETRY, frame, send_mllp
 

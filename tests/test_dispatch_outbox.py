@@ -17,7 +17,8 @@ from pathlib import Path
 import pydicom
 import pytest
 import SimpleITK as sitk
-from support import dataset_bytes, dcmtk_env, free_port, needs_dcmtk, port_open, wait_until
+from helpers.dicom import dataset_bytes
+from helpers.tools import dcmtk_env, free_port, needs_dcmtk, port_open, wait_until
 
 from aiworker.config import DicomDestination, HL7Destination
 from aiworker.dispatch.mllp import MllpReceiver

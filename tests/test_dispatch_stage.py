@@ -20,8 +20,8 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
-from results_support import MANIFEST, MODEL_ID, truth_run
-from support import AIWORKER, free_port, needs_dcmtk, wait_until
+from helpers.results import MANIFEST, MODEL_ID, truth_run
+from helpers.tools import AIWORKER, free_port, needs_dcmtk, wait_until
 from test_dispatch_outbox import StoreSCP, mllp_listener
 from test_infer_e2e import send
 from test_infer_worker import fake_record

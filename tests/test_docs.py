@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import REPO
+from helpers.tools import REPO
 
 from aiworker.config import Config
 

@@ -21,16 +21,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from helpers.mllp import MllpListener
+from helpers.results import sr_volumes
+from helpers.tools import dciodvfy_errors, dcmtk, needs_dcmtk, needs_orthanc, wait_until
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
-from results_support import sr_volumes
-from support import (
-    MllpListener,
-    dciodvfy_errors,
-    dcmtk,
-    needs_dcmtk,
-    needs_orthanc,
-    wait_until,
-)
 
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from results_support import MANIFEST, MODEL_ID, truth_run
-from support import dciodvfy_errors
+from helpers.results import MANIFEST, MODEL_ID, truth_run
+from helpers.tools import dciodvfy_errors
 
 from aiworker.export.deid import Options
 from aiworker.export.export import ExportError, ExportRequest, StudyFiles, export

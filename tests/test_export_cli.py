@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from export_support import ProcessedStudy, processed_study
-from support import NodeProcess, dciodvfy_errors, node_config
+from helpers.export import ProcessedStudy, processed_study
+from helpers.node import NodeProcess, node_config
+from helpers.tools import dciodvfy_errors
 
 from aiworker.demo import Arrivals, start_pacs
 

@@ -11,16 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from support import (
-    dataset_bytes,
-    dcmtk,
-    dcmtk_env,
-    needs_dcmtk,
-    raw_echo,
-    raw_store,
-    split_part10,
-    wait_until,
-)
+from helpers.dicom import dataset_bytes, raw_echo, raw_store, split_part10
+from helpers.tools import dcmtk, dcmtk_env, needs_dcmtk, wait_until
 
 from aiworker.receive import scp
 

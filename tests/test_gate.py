@@ -13,9 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers.results import MANIFEST, MODEL_ID, truth_run
+from helpers.tools import dciodvfy_errors, needs_dcmtk, wait_until
 from pydicom.uid import MRImageStorage
-from results_support import MANIFEST, MODEL_ID, truth_run
-from support import dciodvfy_errors, needs_dcmtk, wait_until
 from test_dispatch_outbox import StoreSCP
 from test_infer_e2e import content_items, needs_knee_demo, send, wait_for_job
 

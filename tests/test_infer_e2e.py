@@ -20,7 +20,7 @@ import psutil
 import pydicom
 import pytest
 import SimpleITK as sitk
-from support import dcmtk, needs_dcmtk, wait_until
+from helpers.tools import dcmtk, needs_dcmtk, wait_until
 from test_infer_worker import TINY, write_model
 
 from aiworker.infer.registry import BUNDLED_MODELS

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from infer_support import (
+from helpers.infer import (
     KNEE_INPUT,
     Threshold,
     dice,

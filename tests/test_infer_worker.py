@@ -29,8 +29,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from helpers.tools import AIWORKER, REPO
 from pydicom.uid import generate_uid
-from support import AIWORKER, REPO
 
 from aiworker.config import ConfigError, load_config
 from aiworker.infer.manifest import ManifestError

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from infer_support import dice
+from helpers.infer import dice
 
 from aiworker.infer.engine import Engine, Result
 from aiworker.infer.manifest import load_manifest

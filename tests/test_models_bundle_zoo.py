@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-from support import dciodvfy_errors, needs_dcmtk, wait_until
+from helpers.tools import dciodvfy_errors, needs_dcmtk, wait_until
 from test_e2e_orthanc import orthanc_results
 from test_infer_e2e import send, wait_for_job
 

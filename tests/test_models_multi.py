@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import torch
 import yaml
-from support import dciodvfy_errors, needs_dcmtk, wait_until
+from helpers.tools import dciodvfy_errors, needs_dcmtk, wait_until
 from test_dispatch_outbox import StoreSCP
 from test_infer_e2e import send, wait_for_job
 

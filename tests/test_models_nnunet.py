@@ -1,6 +1,6 @@
 """Format ``nnunet_v2``: an nnU-Net v2 results folder run through nnU-Net's own predictor.
 
-The model is built here from a plans file (tests/nnunet_support.py: a three-stage
+The model is built here from a plans file (tests/helpers/nnunet.py: a three-stage
 PlainConvUNet, random weights, two folds ensembled, test-time mirroring on). The node's
 label map must equal, voxel for voxel, the one ``nnUNetv2_predict_from_modelfolder`` (run
 as its own process on a NIfTI file of the same volume) writes, both for the engine in
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
-from nnunet_support import manifest, plans, write_manifest, write_model, write_results
-from support import dciodvfy_errors, needs_dcmtk, wait_until
+from helpers.nnunet import manifest, plans, write_manifest, write_model, write_results
+from helpers.tools import dciodvfy_errors, needs_dcmtk, wait_until
 from test_e2e_orthanc import orthanc_results
 from test_infer_e2e import send, wait_for_job
 

@@ -1,6 +1,6 @@
 """The quality gate's confidence for format ``nnunet_v2``, from nnU-Net's own probabilities.
 
-The model (tests/nnunet_support.py: random weights; one fold, no mirroring, to be quick) gets
+The model (tests/helpers/nnunet.py: random weights; one fold, no mirroring, to be quick) gets
 a gate that checks the confidence in every label. The node then asks nnU-Net's predictor for
 its probabilities, so its label map must equal what nnU-Net's own
 ``nnUNetPredictor.predict_single_npy_array(..., save_or_return_probabilities=True)`` gives for
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from nnunet_support import manifest, plans, write_model
+from helpers.nnunet import manifest, plans, write_model
 
 from aiworker.infer.engine import Engine
 from aiworker.infer.registry import Registry

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pydicom
-from support import dataset_bytes, dcmtk, needs_dcmtk, needs_orthanc
+from helpers.dicom import dataset_bytes
+from helpers.tools import dcmtk, needs_dcmtk, needs_orthanc
 
 pytestmark = [needs_orthanc, needs_dcmtk]
 

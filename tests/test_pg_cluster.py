@@ -1,10 +1,10 @@
-"""The throwaway PostgreSQL cluster the PostgreSQL tests run on (tests/pg_cluster.py)."""
+"""The throwaway PostgreSQL cluster the PostgreSQL tests run on (tests/helpers/pg_cluster.py)."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
-from pg_cluster import PgCluster
+from helpers.pg_cluster import PgCluster
 
 
 def test_a_row_committed_on_one_connection_is_read_on_another(pg_url: str) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from support import dciodvfy_errors
+from helpers.tools import dciodvfy_errors
 from typer.testing import CliRunner
 
 from aiworker.cli import app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import psutil
-from support import dcmtk_env, needs_dcmtk, wait_until
+from helpers.tools import dcmtk_env, needs_dcmtk, wait_until
 
 
 def receiving_children(node) -> list[psutil.Process]:

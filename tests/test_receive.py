@@ -8,7 +8,8 @@ import time
 
 import pydicom
 import pytest
-from support import dataset_bytes, dcmtk, needs_dcmtk, wait_until
+from helpers.dicom import dataset_bytes
+from helpers.tools import dcmtk, needs_dcmtk, wait_until
 
 
 def storescu(node, *paths, options=("+sd", "+r"), calling="STORESCU", nodelay=True):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from support import dataset_bytes, raw_store, split_part10, wait_until
+from helpers.dicom import dataset_bytes, raw_store, split_part10
+from helpers.tools import wait_until
 
 from aiworker.receive import scp
 from aiworker.store.spool import Spool

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers.dicom import raw_store, split_part10
+from helpers.node import running_node
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
     CTImageStorage,
@@ -22,7 +24,6 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from support import raw_store, running_node, split_part10
 
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study

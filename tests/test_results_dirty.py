@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dirty_headers import PRIVATE_SECRET, VARIANTS, Variant, phi_values, write_variant
+from helpers.dirty_headers import PRIVATE_SECRET, VARIANTS, Variant, phi_values, write_variant
+from helpers.results import MANIFEST, MODEL_ID, TruthRun, truth_run
+from helpers.tools import dciodvfy_errors
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
-from results_support import MANIFEST, MODEL_ID, TruthRun, truth_run
-from support import dciodvfy_errors
 
 from aiworker.results.hl7 import build_oru, unescape
 from aiworker.results.objects import write_results

@@ -10,14 +10,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from helpers.results import MANIFEST, MODEL_ID, sr_volumes, truth_run
+from helpers.tools import dciodvfy_errors
 from PIL import Image
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from results_support import MANIFEST, MODEL_ID, sr_volumes, truth_run
-from support import dciodvfy_errors
 
 from aiworker.results.hl7 import volume_code
 from aiworker.results.objects import write_results

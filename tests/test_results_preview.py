@@ -12,11 +12,11 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers.results import model_labels, truth_series_labels
+from helpers.tools import dciodvfy_errors
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
-from results_support import model_labels, truth_series_labels
-from support import dciodvfy_errors
 
 from aiworker.infer.manifest import Manifest
 from aiworker.infer.registry import Registry, model_id

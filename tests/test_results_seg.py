@@ -11,10 +11,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from helpers.results import truth_series_labels
+from helpers.tools import dciodvfy_errors
 from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
-from results_support import truth_series_labels
-from support import dciodvfy_errors
 
 import aiworker
 from aiworker.infer.manifest import Manifest

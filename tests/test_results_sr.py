@@ -14,11 +14,11 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers.tools import dciodvfy_errors
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
-from support import dciodvfy_errors
 
 from aiworker.infer import findings as infer_findings
 from aiworker.infer.manifest import Manifest, load_manifest

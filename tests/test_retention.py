@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from support import dcmtk, free_port, needs_dcmtk, wait_until
+from helpers.tools import dcmtk, free_port, needs_dcmtk, wait_until
+from helpers.web import metrics
 from test_infer_e2e import send, tiny_node
-from web_support import metrics
 
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study

@@ -28,8 +28,9 @@ from typing import Any
 
 import pydicom
 import yaml
+from helpers.node import NodeProcess, node_config
+from helpers.tools import AIWORKER, free_port, wait_until
 from pynetdicom import AE
-from support import AIWORKER, NodeProcess, free_port, node_config, wait_until
 from test_dispatch_outbox import StoreSCP
 from test_dispatch_stage import dicom, hl7
 from test_infer_e2e import send

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from select_support import datasets_of, sag_pd_fs, write
+from helpers.selection import datasets_of, sag_pd_fs, write
 from test_select_stage import Clock, complete, receive
 
 from aiworker.select.decide import Pipeline

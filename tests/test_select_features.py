@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.selection import VENDORS, rotation, sag_pd_fs, series
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from select_support import VENDORS, rotation, sag_pd_fs, series
 
 from aiworker.select.features import FeatureSettings, compute_features
 from aiworker.select.geometry import plane_of

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import dcmtk, needs_dcmtk, wait_until
+from helpers.tools import dcmtk, needs_dcmtk, wait_until
 
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from select_support import VENDORS, rotation, sag_pd_fs, series, study
+from helpers.selection import VENDORS, rotation, sag_pd_fs, series, study
 
 from aiworker.select.decide import Pipeline, decide
 from aiworker.select.features import compute_features

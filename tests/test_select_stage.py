@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from select_support import datasets_of, sag_pd_fs, write
+from helpers.selection import datasets_of, sag_pd_fs, write
 
 from aiworker.select.decide import Pipeline
 from aiworker.select.rules import load_rules

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import REPO, needs_dcmtk
+from helpers.tools import REPO, needs_dcmtk
 from test_infer_worker import TINY, write_model
 
 from aiworker.dispatch.mllp import DELIVERED, MllpReceiver, send_mllp

@@ -6,7 +6,8 @@ import socket
 import time
 
 import pytest
-from support import dataset_bytes, dcmtk, needs_dcmtk, needs_openssl, wait_until
+from helpers.dicom import dataset_bytes
+from helpers.tools import dcmtk, needs_dcmtk, needs_openssl, wait_until
 
 pytestmark = [needs_dcmtk, needs_openssl]
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.dicom import dataset_bytes, transfer_syntax
+from helpers.tools import dcmtk, needs_dcmtk
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -19,7 +21,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from support import dataset_bytes, dcmtk, needs_dcmtk, transfer_syntax
 
 pytestmark = needs_dcmtk
 

@@ -19,9 +19,10 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
-from support import AIWORKER, NodeProcess, free_port, node_config, raw_echo, raw_store, wait_until
-from test_infer_e2e import needs_knee_demo
-from web_support import (
+from helpers.dicom import raw_echo, raw_store
+from helpers.node import NodeProcess, node_config
+from helpers.tools import AIWORKER, free_port, wait_until
+from helpers.web import (
     CHROMIUM,
     PATIENT_NAME,
     SENDER,
@@ -36,6 +37,7 @@ from web_support import (
     wait_row,
     web_url,
 )
+from test_infer_e2e import needs_knee_demo
 
 from aiworker.results.report import DISCLAIMER
 

@@ -11,8 +11,9 @@ import subprocess
 
 import pytest
 import yaml
-from support import AIWORKER, free_port, node_config
-from web_support import CHROMIUM, PATIENT_NAME, TOKEN, processed_study, serving, web_config
+from helpers.node import node_config
+from helpers.tools import AIWORKER, free_port
+from helpers.web import CHROMIUM, PATIENT_NAME, TOKEN, processed_study, serving, web_config
 
 from aiworker.config import ConfigError, load_config
 from aiworker.store.db import StateDB

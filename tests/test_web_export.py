@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from export_support import processed_study
-from web_support import TOKEN, serving, web_config
+from helpers.export import processed_study
+from helpers.web import TOKEN, serving, web_config
 
 from aiworker.store.db import StateDB
 from aiworker.store.layout import DataPaths

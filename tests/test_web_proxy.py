@@ -7,7 +7,7 @@ refused when only the forwarded address would be trusted (a spoofed header)."""
 from __future__ import annotations
 
 import pytest
-from web_support import TOKEN, serving, web_config
+from helpers.web import TOKEN, serving, web_config
 
 from aiworker.store.db import StateDB
 

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pydicom
 from prometheus_client.parser import text_string_to_metric_families
-from support import NodeProcess, free_port, node_config, raw_store, wait_until
 
 from aiworker.config import Config
 from aiworker.demo import Arrivals, start_pacs, start_ris
@@ -27,12 +26,15 @@ from aiworker.store.outbox import NewObject, Outbox
 from aiworker.store.records import InstanceRecord
 from aiworker.web.app import create_app
 from aiworker.web.server import WebServer
+from helpers.dicom import raw_store
+from helpers.node import NodeProcess, node_config
+from helpers.tools import free_port, wait_until
 
 TOKEN = "web-test-token-0123456789"
 SENDER = "MODALITY"  # the only caller the site's node allows
 PATIENT_NAME = "WEBTEST^PATIENT"
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"  # gitignored
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"  # gitignored
 
 
 def knee_study(folder: Path, seed: int = 20240, roles: tuple[str, ...] = ("sag_pd_fs",

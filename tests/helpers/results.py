@@ -19,7 +19,7 @@ from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.phantom.truth import truth_series
 
-MANIFEST = load_manifest(Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo"
+MANIFEST = load_manifest(Path(__file__).parents[2] / "aiworker" / "models" / "knee_demo"
                          / "model.yaml")
 MODEL_ID = "knee-demo@2.0.0"
 VOLUME = "118565006"  # SCT Volume, the SR's measurement

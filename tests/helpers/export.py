@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from results_support import MANIFEST, MODEL_ID, truth_run
 
 from aiworker.results.objects import write_results
 from aiworker.store.db import StateDB
 from aiworker.store.jobs import NewJob
 from aiworker.store.layout import DataPaths
 from aiworker.store.records import InstanceRecord
+from helpers.results import MANIFEST, MODEL_ID, truth_run
 
 
 @dataclass(frozen=True)
