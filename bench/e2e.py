@@ -65,6 +65,7 @@ from targets import launch_orthanc
 
 from aiworker.dispatch.mllp import MllpReceiver  # the stand-in RIS: answers AA
 from aiworker.infer import gate
+from aiworker.infer.gate_spec import InputGate
 from aiworker.infer.registry import Registry
 from aiworker.phantom.protocol import Overrides
 from aiworker.store.layout import ResultFolder
@@ -143,7 +144,7 @@ def study_options(seed: int, args: argparse.Namespace):
                         overrides=Overrides(ROLES, args.matrix, args.slices))
 
 
-def gate_refusals(seed: int, args: argparse.Namespace, spec: gate.InputGate) -> list[str]:
+def gate_refusals(seed: int, args: argparse.Namespace, spec: InputGate) -> list[str]:
     """Why the gate's geometric input checks (slices, coverage, spacing; not intensity,
     which needs the pixels) would refuse the model's input series of ``seed``'s study."""
     from aiworker.phantom.study import study_plan

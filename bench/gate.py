@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aiworker.infer import gate  # noqa: E402
-from aiworker.infer.gate import GateSpec  # noqa: E402
+from aiworker.infer.gate_spec import GateSpec  # noqa: E402
 
 PERCENTILES = [10.0, 25.0, 50.0, 75.0, 90.0, 95.0]
 GATED_PERCENTILES = [50.0, 75.0, 90.0, 95.0]

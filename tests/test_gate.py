@@ -20,7 +20,9 @@ from test_dispatch_outbox import StoreSCP
 from test_infer_e2e import content_items, needs_knee_demo, send, wait_for_job
 
 from aiworker.infer import gate
-from aiworker.infer.gate import GateSpec, InputStats, StructureStats
+from aiworker.infer.confidence import structure_confidence
+from aiworker.infer.gate import InputStats, StructureStats
+from aiworker.infer.gate_spec import GateSpec
 from aiworker.infer.manifest import ManifestError, parse_manifest
 from aiworker.infer.run import gated
 from aiworker.phantom.protocol import Overrides
@@ -94,7 +96,7 @@ def test_structure_stats_count_parts_and_confidence_is_the_mean_max_softmax() ->
     labels[0, 0, 0] = 10  # a speck under the minimum
     logits = np.zeros((12, *labels.shape), np.float32)
     logits[10][labels == 10] = np.log(3.0)  # softmax max = 3 / (3 + 11) inside the ACL
-    confidence = gate.structure_confidence(logits, labels, [1, 10])
+    confidence = structure_confidence(logits, labels, [1, 10])
     assert confidence == {10: pytest.approx(3 / 14)}  # label 1 has no voxel: left out
     stats = gate.structure_stats(labels, 0.5, {1: "Femur", 10: "ACL"}, confidence, 20)
     assert stats["ACL"] == StructureStats(65 * 0.5, 2, pytest.approx(3 / 14))

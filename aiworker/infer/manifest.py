@@ -67,7 +67,7 @@ activation: softmax}``) instead of a segmented region, and a model may have no
            network: {output: 0, activation: softmax}}
 
 The sections' models are in :mod:`aiworker.infer.manifest_sections`. A ``gate:`` section
-sets the quality gate's limits (:class:`aiworker.infer.gate.GateSpec`; without it a model's
+sets the quality gate's limits (:class:`aiworker.infer.gate_spec.GateSpec`; without it a model's
 results pass ungated).
 
 Format ``nnunet_v2`` takes an ``nnunet:`` section and ``monai_bundle`` an optional
@@ -88,7 +88,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from aiworker.infer.gate import GateSpec, label_problems
+from aiworker.infer.gate_spec import GateSpec, label_problems
 from aiworker.infer.manifest_sections import (
     Bundle,
     Inference,
