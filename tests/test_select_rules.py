@@ -9,9 +9,10 @@ import pytest
 import yaml
 from helpers.selection import VENDORS, rotation, sag_pd_fs, series, study
 
+from aiworker.select.conditions import Candidate
 from aiworker.select.decide import Pipeline, decide
 from aiworker.select.features import compute_features
-from aiworker.select.rules import Candidate, RuleError, load_rules, parse_rules
+from aiworker.select.rules import RuleError, load_rules, parse_rules
 
 REPO = Path(__file__).resolve().parents[1]
 KNEE_RULES = REPO / "config" / "rules" / "knee.yaml"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aiworker.config import Config
+from aiworker.select.conditions import Candidate, Role, RuleSet
 from aiworker.select.features import (
     DEFAULT_SETTINGS,
     FeatureSettings,
@@ -26,14 +27,7 @@ from aiworker.select.features import (
     compute_features,
 )
 from aiworker.select.headers import StudyHeaders, read_series, series_order
-from aiworker.select.rules import (
-    Candidate,
-    Role,
-    RuleError,
-    RuleSet,
-    load_rules,
-    resolve_rules_path,
-)
+from aiworker.select.rules import RuleError, load_rules, resolve_rules_path
 
 
 @dataclass(frozen=True)
