@@ -31,7 +31,7 @@ from pydicom.uid import UID
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aiworker.config import load_config  # noqa: E402
+from aiworker.config_loader import load_config  # noqa: E402
 from aiworker.node import Node  # noqa: E402
 from aiworker.receive import fastpath, scp  # noqa: E402
 from aiworker.receive.dataset import read_whole_data_set  # noqa: E402

@@ -19,7 +19,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from aiworker.config import load_config
+from aiworker.config_loader import load_config
 from aiworker.infer.manifest import load_manifest
 from aiworker.receive import scp
 from aiworker.receive.dataset import IMPLEMENTATION_VERSION

@@ -57,7 +57,7 @@ def associate_rq(called: str = "AIWORKER", calling: str = "SILENT") -> bytes:
 def test_timeouts_come_from_the_config(node_factory) -> None:
     node = _fast_node(node_factory, acse_timeout_s=3.5, dimse_timeout_s=4.5,
                       network_timeout_s=5.5)
-    from aiworker.config import load_config
+    from aiworker.config_loader import load_config
     from aiworker.receive.scp import Receiver
 
     config = load_config(node.config_path)

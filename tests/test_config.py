@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from helpers.tools import AIWORKER, DEFAULT_CONFIG
 
-from aiworker.config import Config, ConfigError, load_config
+from aiworker.config import Config
+from aiworker.config_loader import ConfigError, load_config
 
 GOOD_DESTINATIONS = """\
 destinations:

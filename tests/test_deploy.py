@@ -7,7 +7,7 @@ files against the Compose Specification's JSON schema, and their Orthanc configu
 Lua auto-routing in a real (Debian) Orthanc that forwards a phantom knee study to a real node
 started from the compose node config and gets the results back; the manifests against the
 Kubernetes schemas (kubernetes-validate, strict), the CUDA overlay with its patch applied;
-every node config they ship through :func:`aiworker.config.load_config`.
+every node config they ship through :func:`aiworker.config_loader.load_config`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from helpers.orthanc import OrthancProcess
 from helpers.tools import REPO, dcmtk, deep_merge, free_port, needs_dcmtk, needs_orthanc, wait_until
 from test_infer_e2e import HELD_OUT_SEED, needs_knee_demo
 
-from aiworker.config import Config, load_config
+from aiworker.config import Config
+from aiworker.config_loader import load_config
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study
 from aiworker.select.rules import resolve_rules_path

@@ -24,7 +24,7 @@ import yaml
 from helpers.k8s import kubectl_kustomize, needs_kubectl, validate_k8s
 from helpers.tools import REPO
 
-from aiworker.config import load_config
+from aiworker.config_loader import load_config
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"

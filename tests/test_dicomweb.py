@@ -32,7 +32,8 @@ from helpers.results import MANIFEST, MODEL_ID, truth_run
 from helpers.tools import AIWORKER, ORTHANC, ORTHANC_MISSING, free_port, port_open, wait_until
 from pydicom.dataset import Dataset
 
-from aiworker.config import ConfigError, DicomWebDestination, load_config
+from aiworker.config import DicomWebDestination
+from aiworker.config_loader import ConfigError, load_config
 from aiworker.dispatch.dicomweb import (
     bearer_header,
     send_dicomweb,

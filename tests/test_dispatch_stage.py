@@ -26,7 +26,8 @@ from test_dispatch_outbox import StoreSCP, mllp_listener
 from test_infer_e2e import send
 from test_infer_worker import fake_record
 
-from aiworker.config import Config, load_config
+from aiworker.config import Config
+from aiworker.config_loader import load_config
 from aiworker.dispatch.stage import OutboxStage, dicom_objects, object_options
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, write_study

@@ -32,7 +32,7 @@ import yaml
 from helpers.tools import AIWORKER, REPO
 from pydicom.uid import generate_uid
 
-from aiworker.config import ConfigError, load_config
+from aiworker.config_loader import ConfigError, load_config
 from aiworker.infer.manifest import ManifestError
 from aiworker.infer.process import WorkerSettings
 from aiworker.infer.registry import Registry

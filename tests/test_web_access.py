@@ -15,7 +15,7 @@ from helpers.node import node_config
 from helpers.tools import AIWORKER, free_port
 from helpers.web import CHROMIUM, PATIENT_NAME, TOKEN, processed_study, serving, web_config
 
-from aiworker.config import ConfigError, load_config
+from aiworker.config_loader import ConfigError, load_config
 from aiworker.store.db import StateDB
 from aiworker.web.server import WebError, check_exposure
 

@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 
 from aiworker import logs
-from aiworker.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from aiworker.config import Config
+from aiworker.config_loader import DEFAULT_CONFIG, ConfigError, load_config
 
 if TYPE_CHECKING:  # the commands import their stages lazily, to start fast
     from aiworker.store.db import StateDB

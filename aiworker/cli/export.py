@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from aiworker.cli.common import ConfigOption, app, console, err, node_db, read_config, since_seconds
-from aiworker.config import DEFAULT_CONFIG, Config
+from aiworker.config import Config
+from aiworker.config_loader import DEFAULT_CONFIG
 
 if TYPE_CHECKING:
     from aiworker.export.export import ExportReport

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from aiworker.config import DEFAULT_CONFIG
+from aiworker.config_loader import DEFAULT_CONFIG
 from aiworker.store.layout import DataPaths
 
 if TYPE_CHECKING:  # the commands import their stages lazily, to start fast

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import Progress
 
-from aiworker.config import DEFAULT_CONFIG, Config
+from aiworker.config import Config
+from aiworker.config_loader import DEFAULT_CONFIG
 
 if TYPE_CHECKING:  # the commands import their stages lazily, to start fast
     from aiworker.offline import Run
