@@ -21,6 +21,7 @@ from common import ROOT, START_TIMEOUT_S, find_dcmtk, free_port, wait_for_port
 from pynetdicom import AE
 
 from aiworker.dispatch.mllp import MllpReceiver, control_id
+from aiworker.dispatch.requestor import associate
 
 AIWORKER = str(Path(sys.executable).parent / "aiworker")
 MARK = "AIWORKER_SOAK_RUN"  # in the node's environment, so its children carry it too
@@ -239,7 +240,7 @@ class Modality:
         ae = AE(ae_title=f"MOD{self.index}")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         ae.add_requested_context(pydicom.uid.MRImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", self.node_port, ae_title="AIWORKER")
+        assoc = associate(ae, "127.0.0.1", self.node_port, ae_title="AIWORKER")
         if not assoc.is_established:
             self.statuses["no association"] += 1
             return files

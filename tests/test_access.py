@@ -6,6 +6,7 @@ import pytest
 from helpers.tools import dcmtk, needs_dcmtk, wait_until
 
 from aiworker.config import AllowedCaller
+from aiworker.dispatch.requestor import associate
 from aiworker.receive.access import AllowList
 
 
@@ -56,7 +57,7 @@ def test_rejection_is_an_a_associate_rj_calling_ae_not_recognised(node_factory) 
         ae = AE(ae_title="BADSCU")
         ae.acse_timeout = ae.network_timeout = 10
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assoc = associate(ae, "127.0.0.1", node.port, ae_title=node.ae_title)
         reply = assoc.acceptor.primitive
         outcomes.append((assoc.is_rejected, assoc.is_aborted,
                          None if reply is None else (reply.result, reply.result_source,

@@ -59,6 +59,8 @@ sys.path.insert(0, str(REPO / "docs"))
 import gen_conformance as gen  # noqa: E402  (the docs' generator, beside its pages)
 import hooks  # noqa: E402
 
+from aiworker.dispatch.requestor import associate  # noqa: E402
+
 PRIVATE_SOP_CLASS = "1.3.6.1.4.1.9590.100.1.2.999"  # any private UID
 
 
@@ -134,7 +136,7 @@ def _associate(port: int, contexts: list[tuple[str, list[str]]]):
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
-    assoc = ae.associate("127.0.0.1", port, ae_title="AIWORKER")
+    assoc = associate(ae, "127.0.0.1", port, ae_title="AIWORKER")
     assert assoc.is_established
     return ae, assoc
 

@@ -15,6 +15,7 @@ import pytest
 from helpers.dicom import dataset_bytes, raw_store, split_part10
 from helpers.tools import wait_until
 
+from aiworker.dispatch.requestor import associate
 from aiworker.receive import scp
 from aiworker.store.spool import Spool
 
@@ -170,7 +171,7 @@ def _store_waiting(port: int, path: Path, seconds: float):
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = seconds
     ds = pydicom.dcmread(path)
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="AIWORKER")
+    assoc = associate(ae, "127.0.0.1", port, ae_title="AIWORKER")
     assert assoc.is_established
     try:
         return assoc.send_c_store(ds)

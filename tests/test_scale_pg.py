@@ -36,6 +36,7 @@ from test_dispatch_stage import dicom, hl7
 from test_infer_e2e import send
 
 from aiworker.dispatch.mllp import MllpReceiver
+from aiworker.dispatch.requestor import associate
 from aiworker.phantom.protocol import Overrides
 from aiworker.phantom.study import StudyOptions, WrittenStudy, write_study
 from aiworker.store.db import StateDB
@@ -105,7 +106,7 @@ def _half_then_kill(receiver: NodeProcess, study: WrittenStudy) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(str(pydicom.dcmread(files[0], stop_before_pixels=True)
                                  .SOPClassUID))
-    assoc = ae.associate("127.0.0.1", receiver.port, ae_title=receiver.ae_title)
+    assoc = associate(ae, "127.0.0.1", receiver.port, ae_title=receiver.ae_title)
     assert assoc.is_established
     for path in files[:len(files) // 2]:
         assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0

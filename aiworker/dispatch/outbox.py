@@ -51,6 +51,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from aiworker.dispatch.mllp import DELIVERED, send_mllp
+from aiworker.dispatch.requestor import associate
 from aiworker.store.db import StateDB
 from aiworker.store.outbox import Outbox, OutboxRow, RetryPolicy
 
@@ -138,7 +139,7 @@ def _store_batch(destination: Any, described: list[tuple[int, str, str, str]],
         syntaxes = list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         ae.add_requested_context(sop_class, syntaxes)
     where = f"{destination.ae_title} at {destination.host}:{destination.port}"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+    assoc = associate(ae, destination.host, destination.port, ae_title=destination.ae_title,
                          max_pdu=0)
     outcomes = _rejected_classes(assoc, described, destination.ae_title)
     if not assoc.is_established:

@@ -17,6 +17,8 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from aiworker.dispatch.requestor import associate
+
 MAX_CONTEXTS = 128
 
 
@@ -42,7 +44,7 @@ def echo(host: str, port: int, called_aet: str, calling_aet: str = "AIWORKER",
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    assoc = associate(ae, host, port, ae_title=called_aet)
     if not assoc.is_established:
         raise SCUError(_why_not(assoc, host, port, called_aet))
     try:
@@ -101,7 +103,7 @@ def _send_batch(batch: list[tuple[Path, str, str]], host: str, port: int, called
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     for sop_class, syntax in sorted({(sop, ts) for _, sop, ts in batch}):
         ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate(host, port, ae_title=called_aet, max_pdu=0)
+    assoc = associate(ae, host, port, ae_title=called_aet, max_pdu=0)
     if not assoc.is_established:
         raise SCUError(_why_not(assoc, host, port, called_aet))
     try:

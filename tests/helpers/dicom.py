@@ -9,6 +9,8 @@ from typing import Any
 
 import pydicom
 
+from aiworker.dispatch.requestor import associate
+
 # --- DICOM bytes -------------------------------------------------------------------------
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
@@ -69,7 +71,7 @@ def raw_store(port: int, files: list[Path], called: str = "AIWORKER",
         ae.add_requested_context(sop_class, sorted(ts))
     chunked = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, not a re-encoding
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = associate(ae, "127.0.0.1", port, ae_title=called)
     try:
         assert assoc.is_established, f"association with 127.0.0.1:{port} failed"
         responses = [assoc.send_c_store(path) for path in files]
@@ -88,7 +90,7 @@ def raw_echo(port: int, called: str = "AIWORKER", calling: str = "RAWSCU") -> in
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = associate(ae, "127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         return None
     try:
