@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
-from aiworker.receive.fastpath import _encode, encode_command_set
+from aiworker.receive.dimse_codec import _encode, encode_command_set
 
 
 def command(**elements: object) -> Dataset:
@@ -86,7 +86,7 @@ def _store_response(status: int, comment: str | None = None):
 @pytest.mark.parametrize("status, comment", [(0x0000, None), (0xC211, "missing SeriesUID"),
                                              (0xA700, "disk full")])
 def test_responses_encode_as_pynetdicom_encodes_them(status: int, comment: str | None) -> None:
-    from aiworker.receive.fastpath import encode_message_without_data_set
+    from aiworker.receive.dimse_codec import encode_message_without_data_set
 
     rsp = _store_response(status, comment)
     assert encode_message_without_data_set(rsp) == _pynetdicom_bytes(rsp)
@@ -97,7 +97,7 @@ def test_echo_response_and_requests_with_data_sets() -> None:
 
     from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
-    from aiworker.receive.fastpath import encode_message_without_data_set
+    from aiworker.receive.dimse_codec import encode_message_without_data_set
 
     echo = C_ECHO()
     echo.MessageIDBeingRespondedTo = 1
@@ -130,7 +130,7 @@ def _received_store_request(command: Dataset):
 @pytest.mark.parametrize("move_originator", [None, "ORTHANC"])
 def test_received_request_becomes_the_same_primitive(move_originator: str | None) -> None:
 
-    from aiworker.receive.fastpath import _message_to_primitive, _original_message_to_primitive
+    from aiworker.receive.dimse_codec import _message_to_primitive, _original_message_to_primitive
 
     elements = dict(CommandGroupLength=0, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.4",
                     CommandField=0x0001, MessageID=7, Priority=2, CommandDataSetType=0,
