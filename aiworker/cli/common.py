@@ -24,7 +24,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="aiworker: DICOM network AI node for knee MRI.")
 
 
-console = Console()
+PIPED_WIDTH = 200  # output into a file or a pipe: wide enough that no table cell wraps
+
+console = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 
 err = Console(stderr=True)
