@@ -20,6 +20,7 @@ import psutil
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers.infer import Busy
 from helpers.tools import dcmtk, needs_dcmtk, wait_until
 from test_infer_worker import TINY, write_model
 
@@ -172,12 +173,13 @@ def content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
 
 @needs_dcmtk
 def test_a_job_cut_off_by_a_crash_runs_after_the_restart(node_factory, tmp_path):
+    write_model(tmp_path / "models", TINY, network=Busy())  # seconds a job: caught running
     node = tiny_node(node_factory, tmp_path)
     study = write_study(tmp_path / "small", StudyOptions(
         seed=311, vendor="ge", rescan=False, derived=False, truth=False, volume_spacing=3.0,
         overrides=Overrides(roles=("sag_pd_fs",), matrix=32, slices=16)))
     send(node, study)
-    wait_for_job(node, "running", 30)  # claimed; the inference process is still loading
+    wait_for_job(node, "running", 30)
     serve = psutil.Process(node.proc.pid)
     children = wait_until(lambda: [p for p in serve.children(recursive=True)
                                    if "spawn_main" in " ".join(p.cmdline())], 30,

@@ -75,14 +75,17 @@ class Threshold(torch.nn.Module):
         return torch.cat([torch.full_like(x[:, :1], 0.5), x[:, :1]], dim=1)
 
 
-def write_model(root: Path, raw: dict[str, Any], weights: bool = True) -> None:
+def write_model(root: Path, raw: dict[str, Any], weights: bool = True,
+                network: torch.nn.Module | None = None) -> None:
+    """The manifest ``raw`` and (unless not ``weights``) ``network``, scripted (default
+    :class:`Threshold`), into ``root/<name>``."""
     folder = root / raw["name"]
     folder.mkdir(parents=True)
     (folder / "model.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     if weights:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(torch.jit.script(Threshold()), str(folder / "model.ts"))
+            torch.jit.save(torch.jit.script(network or Threshold()), str(folder / "model.ts"))
 
 
 # ------------------------------------------------------------------ the jobs table
@@ -620,7 +623,7 @@ def test_stop_ends_the_process_and_requeues_a_running_job(registry, phantom, tmp
     inferrer = InferenceWorker(own_db, settings, interval=0.05)
     inferrer.start()
     deadline = time.monotonic() + 30
-    while inferrer.process is None and time.monotonic() < deadline:
+    while job(own_db, job_id).state != "running" and time.monotonic() < deadline:
         time.sleep(0.02)
     process = inferrer.process
     assert job(own_db, job_id).state == "running"

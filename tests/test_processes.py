@@ -9,9 +9,18 @@ from helpers.tools import dcmtk_env, needs_dcmtk, wait_until
 
 
 def receiving_children(node) -> list[psutil.Process]:
-    """The node's worker processes (multiprocessing's resource tracker is not one)."""
+    """The node's receiving processes: its children that listen on the DICOM port (not the
+    inference process, nor multiprocessing's resource tracker)."""
     return [child for child in psutil.Process(node.proc.pid).children()
-            if "resource_tracker" not in " ".join(child.cmdline())]
+            if _listens_on(child, node.port)]
+
+
+def _listens_on(process: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in process.net_connections(kind="tcp"))
+    except psutil.NoSuchProcess:
+        return False
 
 
 @needs_dcmtk

@@ -3,7 +3,8 @@
 Models run outside the receiving process. :class:`InferenceWorker` is a thread of the node
 that claims the oldest queued job (:meth:`StateDB.claim_job`) and hands it, as ids and
 paths (never pixels), to the inference process (:mod:`aiworker.infer.process`), which
-starts with the first job and stays, its models resident, and runs it
+starts with the stage (its first tick), loads the models while the first study is still
+arriving, and stays, its models resident, and runs it
 (:func:`aiworker.infer.run.run_job`). The node adds ``total`` (the round trip) to the job's
 timings and records it ``done`` or ``failed`` with its kind.
 
@@ -147,12 +148,11 @@ class InferenceWorker(PollingStage):
 
     def readiness(self) -> tuple[bool, str]:
         """Whether the models are usable, in words: found at start (else the node would not
-        run); once the inference process has started (at the first job), loaded."""
+        run); once the inference process has started (at the stage's first tick), loaded."""
         names = ", ".join(sorted(self.settings.models)) or "no models"
         process = self.process
         if process is None:
-            return True, f"{names}: found at start; loaded by the inference process at the " \
-                         "first job"
+            return True, f"{names}: found at start; the inference process loads them next"
         if process.ready is None:
             alive = process.process.is_alive()
             return alive, f"{names}: the inference process is loading them" if alive else \
@@ -169,6 +169,8 @@ class InferenceWorker(PollingStage):
         if self._cut_off:  # the last job raised (the state full or locked): run it again
             self.requeue_own("its run could not be recorded")
             self._cut_off = False
+        if self.process is None and self.settings.models:  # load them before the first job
+            self.process = InferenceProcess(self.settings)
         if not self._disk_has_room():
             return False
         job = self.db.claim_job() if self.db.has_queued_job() else None

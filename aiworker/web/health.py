@@ -93,5 +93,5 @@ def scp_probe(receiver: Any, port: int) -> Probe:
 
 def models_probe(inferrer: Any) -> Probe:
     """The pipelines' models: found in the registry at start (else the node would not
-    run); once the inference process has started (at the first job) it loaded every one."""
+    run); once the inference process has started (with the stage) it loaded every one."""
     return inferrer.readiness

@@ -41,6 +41,21 @@ class Threshold(torch.nn.Module):
         return torch.cat([torch.full_like(x[:, :1], 0.5), x[:, :1]], dim=1)
 
 
+class Busy(torch.nn.Module):
+    """:class:`Threshold`'s logits after ``iterations`` products of 512 x 512 matrices (~5 ms each on
+    one core): a model that runs long enough for a test to catch its job running."""
+
+    def __init__(self, iterations: int = 600):
+        super().__init__()
+        self.iterations = iterations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = torch.ones(512, 512)
+        for _ in range(self.iterations):
+            work = torch.tanh(work @ work / 512.0)
+        return torch.cat([torch.full_like(x[:, :1], 0.5), x[:, :1] + 0.0 * work[0, 0]], dim=1)
+
+
 def labels(*values: int) -> list[dict[str, Any]]:
     """Manifest ``outputs.segmentation.labels`` entries for ``values`` (1 Femur, ...)."""
     return [{"value": v, "name": TYPES[v][0], "color": [200, 200, 200],
