@@ -12,10 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from aiworker.store.db import StateDB
 from aiworker.store.handoff import defer, job_lock
-from aiworker.store.outbox import PENDING
-from aiworker.store.states import QUEUED
+from aiworker.store.outbox import Outbox
 
 
 @dataclass(frozen=True)
@@ -31,23 +29,22 @@ class OwedJob:
         return job_lock(self.queue, self.ident)
 
 
-def owed_jobs(db: StateDB, pipelines: list[str], now: float) -> list[OwedJob]:
-    """Every job the state owes, oldest first within each queue."""
+def owed_jobs(outbox: Outbox, pipelines: list[str], now: float) -> list[OwedJob]:
+    """Every job the state (the outbox's DB) owes, oldest first within each queue."""
+    db = outbox.db
     owed = [OwedJob("select", uid) for uid, _, _ in db.awaiting_selection(pipelines)]
-    owed += [OwedJob("infer", row["job_id"], row["model"]) for row in db.query(
-        "SELECT job_id, model FROM jobs WHERE state = ? ORDER BY created_at", (QUEUED,))]
+    owed += [OwedJob("infer", job.job_id, job.model) for job in db.queued_jobs()]
     owed += [OwedJob("results", job.job_id) for job in db.jobs_to_dispatch()]
-    owed += [OwedJob("outbox", row["destination"]) for row in db.query(
-        "SELECT DISTINCT destination FROM outbox WHERE state = ? AND next_attempt_at <= ?",
-        (PENDING, now))]
+    owed += [OwedJob("outbox", destination)
+             for destination in outbox.due_destinations(now)]
     return owed
 
 
-def sweep(db: StateDB, pipelines: list[str], now: float | None = None) -> list[str]:
+def sweep(outbox: Outbox, pipelines: list[str], now: float | None = None) -> list[str]:
     """Defer the owed jobs that have none waiting or running; returns their keys."""
-    owed = owed_jobs(db, pipelines, time.time() if now is None else now)
+    owed = owed_jobs(outbox, pipelines, time.time() if now is None else now)
     deferred = []
-    with db.transaction() as cur:
+    with outbox.db.transaction() as cur:
         busy = {row["lock"] for row in cur.execute(
             "SELECT lock FROM procrastinate_jobs WHERE status IN ('todo', 'doing')").fetchall()}
         for job in owed:

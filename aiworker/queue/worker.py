@@ -65,7 +65,7 @@ class QueueWorker:
         self.name = worker_name()
         self.runners = StageRunners.build(config, db, queues)
         self.pipelines = [p.name for p in configured_pipelines(config)]
-        Outbox(db)  # its table, which the sweep reads, exists from the start
+        self.outbox = Outbox(db)  # its table, which the sweep reads, exists from the start
         self.infer_thread = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self.stage_threads = ThreadPoolExecutor(STAGE_CONCURRENCY + 1,
                                                 thread_name_prefix="stage")
@@ -144,7 +144,7 @@ class QueueWorker:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                deferred = await loop.run_in_executor(self.stage_threads, sweep, self.db,
+                deferred = await loop.run_in_executor(self.stage_threads, sweep, self.outbox,
                                                       self.pipelines)
                 if deferred:
                     log.info("sweep: deferred %s", ", ".join(deferred))

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from procrastinate.schema import SchemaManager
-
 QUEUES = ("select", "infer", "results", "outbox")
 TASKS = {queue: f"aiworker.{queue}" for queue in QUEUES}  # queue -> procrastinate task name
 JOB_ARGS = {"select": "study_uid", "infer": "job_id", "results": "job_id",
@@ -68,6 +66,8 @@ class QueueHandoff(NoHandoff):
 
     def create_schema(self, cur: Any) -> None:
         """procrastinate's tables and functions, when the database lacks them."""
+        from procrastinate.schema import SchemaManager  # PostgreSQL only: SQLite never loads it
+
         if cur.execute("SELECT to_regclass('procrastinate_jobs') AS t").fetchone()["t"]:
             return
         cur.execute_script(SchemaManager.get_schema())

@@ -134,6 +134,12 @@ class JobTable:
         rows = self._query(sql + " ORDER BY created_at, job_id", params)
         return [Job.from_row(r) for r in rows]
 
+    def queued_jobs(self) -> list[Job]:
+        """The jobs waiting to run, oldest first."""
+        rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY created_at, job_id",
+                           (QUEUED,))
+        return [Job.from_row(r) for r in rows]
+
     def jobs_to_dispatch(self, job_id: str | None = None) -> list[Job]:
         """Done jobs (or only ``job_id``) with a result folder that the outbox stage has not
         handed on yet (no outbox row, not marked by :meth:`mark_dispatched`), oldest

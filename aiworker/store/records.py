@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
+if TYPE_CHECKING:  # the status CLI reads records without loading pydicom
+    from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True)
