@@ -201,7 +201,7 @@ def test_the_manifest_overrides_metadata_and_a_bad_bundle_fails_at_start(tmp_pat
 
 
 def _series(array: np.ndarray) -> LoadedSeries:
-    from infer_support import series_of
+    from helpers.infer import series_of
 
     return series_of(array, (1.0, 1.0, 3.0), np.eye(3))
 

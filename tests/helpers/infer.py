@@ -42,8 +42,9 @@ class Threshold(torch.nn.Module):
 
 
 class Busy(torch.nn.Module):
-    """:class:`Threshold`'s logits after ``iterations`` products of 512 x 512 matrices (~5 ms each on
-    one core): a model that runs long enough for a test to catch its job running."""
+    """:class:`Threshold`'s logits after ``iterations`` products of 512 x 512 matrices
+    (~5 ms each on one core): a model that runs long enough for a test to catch its job
+    running."""
 
     def __init__(self, iterations: int = 600):
         super().__init__()
