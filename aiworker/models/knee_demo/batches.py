@@ -32,17 +32,17 @@ class Pool:
     draws a new image every step) and the run stays reproducible."""
 
     def __init__(self, samples: list[data.Sample], spec: Input, next_seed: int,
-                 per_anatomy: int):
+                 per_anatomy: int, settings: randomise.Randomisation = randomise.TRAINING):
         self.padded = [_padded(sample) for sample in samples]
         self.next_seed, self.per_anatomy, self.oldest = next_seed, per_anatomy, 0
-        self.spec = spec
+        self.spec, self.settings = spec, settings
         self.executor = ProcessPoolExecutor(1)
         self.pending = self._submit()
 
     def _submit(self):
         seed, self.next_seed = self.next_seed, self.next_seed + 1
         return self.executor.submit(randomise.random_samples, seed, self.spec,
-                                    self.per_anatomy)
+                                    self.per_anatomy, self.settings)
 
     def refresh(self) -> None:
         """Swap the next anatomy's samples in for the oldest (waits if not yet drawn)."""
