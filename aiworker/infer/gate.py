@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage
 
 from aiworker.infer.gate_spec import Bound, GateSpec, InputGate, OutputGate
 
@@ -155,6 +154,8 @@ def structure_stats(labels: np.ndarray, voxel_ml: float, names: dict[int, str],
                     ) -> dict[str, StructureStats]:
     """Volume, connected parts of at least ``min_voxels`` voxels (26-connected) and mean
     confidence of every structure ``names`` lists (value -> name) in ``labels``."""
+    from scipy import ndimage  # here: the node's parent process needs gate's types only
+
     counts = np.bincount(labels.ravel(), minlength=256)
     boxes = ndimage.find_objects(labels)
     connectivity = np.ones((3, 3, 3), bool)
