@@ -36,6 +36,7 @@ torch and MONAI reproduces the weights up to floating-point summation order (wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -57,7 +58,7 @@ from aiworker.models.knee_demo.labels import ACL, CLASSES, PCL, manifest_labels
 log = logging.getLogger("knee_demo.train")
 
 HERE = Path(__file__).resolve().parent
-NAME, VERSION = "knee-demo", "2.0.0"
+NAME, VERSION = "knee-demo", "2.1.0"
 KERNELS = [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 STRIDES = [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]
 FILTERS = [8, 16, 32, 64, 128]
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", type=int, default=160, help="samples in the pool")
     parser.add_argument("--per-anatomy", type=int, default=2)
+    parser.add_argument("--real-share", type=float, default=randomise.TRAINING.real_share,
+                        help="share of samples with the real PD FS contrast")
     parser.add_argument("--fit-cases", type=int, default=80)
     parser.add_argument("--iterations", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -318,13 +321,14 @@ def train_network(args: argparse.Namespace) -> torch.nn.Module:
     anatomies = -(-args.cases // args.per_anatomy)
     first = data.TRAIN_SEEDS[0] + 1000 * args.seed
     spec = Input.model_validate(input_spec())
+    settings = dataclasses.replace(randomise.TRAINING, real_share=args.real_share)
     samples = load_samples(list(range(first, first + anatomies)), spec, args.workers,
-                           args.per_anatomy)
+                           args.per_anatomy, settings)
     validation = (load_samples(list(VALIDATION_SEEDS[:3]), spec, args.workers)
                   + load_samples(list(VALIDATION_SEEDS[3:]), spec, args.workers,
                                  settings=randomise.REAL_PD_FS))
     log.info("%d training samples ready (%.0f s)", len(samples), time.monotonic() - started)
-    pool = Pool(samples, spec, first + anatomies, args.per_anatomy)
+    pool = Pool(samples, spec, first + anatomies, args.per_anatomy, settings)
     schedule = Schedule(iterations=args.iterations, lr=args.lr,
                         refresh_every=args.refresh_every, validate_every=args.validate_every,
                         max_minutes=args.max_minutes, init=args.init)
