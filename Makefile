@@ -21,7 +21,7 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/ruff check aiworker tests bench docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
-	$(BIN)/pytest -ra --durations=25 tests; rc=$$?; \
+	$(BIN)/pytest -ra --durations=25 -n 2 --dist loadfile tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
