@@ -56,9 +56,7 @@ def test_patches_keep_image_and_labels_aligned_and_favour_structures():
 
 def test_a_seed_repeats_the_run_and_the_best_weights_are_returned(tmp_path: Path):
     torch.set_num_threads(2)
-    validation = [data.Sample(seed=0, array=_labelled_volume(9)[0],
-                              labels=_labelled_volume(9)[1], spacing=(1.0, 1.0, 3.0),
-                              torn=False)]
+    validation = [data.Sample(0, *_labelled_volume(9), spacing=(1.0, 1.0, 3.0), torn=False)]
     schedule = train.Schedule(iterations=2, refresh_every=1, validate_every=1)
     runs = []
     for name in ("a", "b"):
