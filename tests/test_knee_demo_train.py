@@ -116,3 +116,22 @@ def test_the_logistic_fit_separates_separable_cases_on_the_right_feature():
     assert abs(weights[2]) > 3 * max(abs(weights[1]), abs(weights[3])) and weights[2] > 0
     p = 1 / (1 + np.exp(-(np.column_stack([np.ones(80), x]) @ weights)))
     assert np.mean((p >= 0.5) == (y == 1)) >= 0.95  # the L2 penalty blurs the edge only
+
+
+def test_the_acl_weight_scales_the_loss_of_acl_errors_only():
+    """A prediction right everywhere but on the ACL costs more with --acl-weight 3 than
+    with 1; one right everywhere but on the femur costs about the same."""
+    from aiworker.models.knee_demo.labels import ACL
+
+    labels = torch.from_numpy(_labelled_volume(0)[1][None, None, :, :8].astype(np.int64))
+
+    def loss(wrong_class: int, acl_weight: float) -> float:
+        predicted = labels.clone()
+        predicted[labels == wrong_class] = 0
+        logits = 20.0 * torch.nn.functional.one_hot(predicted[:, 0], CLASSES)
+        logits = logits.permute(0, 4, 1, 2, 3).float()
+        return float(train.loss_function(acl_weight)(logits, labels))
+
+    assert loss(ACL, 3.0) > 1.5 * loss(ACL, 1.0)
+    femur = 1  # STRUCTURES[1]
+    assert abs(loss(femur, 3.0) - loss(femur, 1.0)) < 0.2 * loss(femur, 1.0)

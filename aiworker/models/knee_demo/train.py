@@ -144,6 +144,15 @@ class Schedule:
     validate_every: int = 250
     max_minutes: float | None = None
     init: Path | None = None
+    acl_weight: float = 1.0  # the ACL's weight in the loss, the other classes' being 1
+
+
+def loss_function(acl_weight: float) -> DiceCELoss:
+    """Dice + cross-entropy over the classes, the ACL's term weighted by ``acl_weight``
+    (the smallest structure, and the one the tear decision reads)."""
+    weight = torch.ones(CLASSES)
+    weight[ACL] = acl_weight
+    return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
 
 
 def train(pool: Pool, schedule: Schedule, seed: int, out: Path,
@@ -162,7 +171,7 @@ def train(pool: Pool, schedule: Schedule, seed: int, out: Path,
     iterations = schedule.iterations
     optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=1e-5)
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - i / iterations) ** 0.9)
-    loss_of = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_of = loss_function(schedule.acl_weight).to(device)
     started, running, best = time.monotonic(), [], -1.0
     for iteration in range(1, iterations + 1):
         network.train()
@@ -291,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--init", type=Path, default=None, help="weights to start from")
+    parser.add_argument("--acl-weight", type=float, default=1.0,
+                        help="the ACL's weight in the loss (the other classes weigh 1)")
     parser.add_argument("--fit-only", action="store_true",
                         help="refit the ACL head for the weights in --out")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -331,7 +342,8 @@ def train_network(args: argparse.Namespace) -> torch.nn.Module:
     pool = Pool(samples, spec, first + anatomies, args.per_anatomy, settings)
     schedule = Schedule(iterations=args.iterations, lr=args.lr,
                         refresh_every=args.refresh_every, validate_every=args.validate_every,
-                        max_minutes=args.max_minutes, init=args.init)
+                        max_minutes=args.max_minutes, init=args.init,
+                        acl_weight=args.acl_weight)
     try:
         return train(pool, schedule, args.seed, args.out, validation)
     finally:
