@@ -235,7 +235,7 @@ def example_oru() -> str:
                 "classification": {"acl": {"probability": 0.91, "threshold": 0.5,
                                            "decision": "torn"}}}
     report = report_text(ds, SeriesInfo.from_dataset(ds), findings, manifest)
-    message = build_oru(ds, findings, report, manifest, "knee-demo@2.1.0",
+    message = build_oru(ds, findings, report, manifest, "knee-demo@2.2.0",
                         created=datetime(2024, 1, 9, 14, 2, 11, tzinfo=UTC))
     return "```text\n" + message.replace("\r", "\n") + "```\n"
 

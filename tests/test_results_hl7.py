@@ -33,7 +33,7 @@ from aiworker.results.report import SeriesInfo, report_text
 from aiworker.results.uids import message_control_id
 
 MODEL_YAML = Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo" / "model.yaml"
-MODEL_ID = "knee-demo@2.1.0"
+MODEL_ID = "knee-demo@2.2.0"
 NAME = "O'BRIEN^SIOBHÁN"
 SETTINGS = Hl7Settings(sending_application="AIWORKER", sending_facility="RADIOLOGY",
                        receiving_application="EPIC", receiving_facility="ST-MARYS",

@@ -39,7 +39,7 @@ def findings(manifest: Manifest, decision: str, probability: float,
              **volumes: float) -> dict[str, Any]:
     """A findings dict as the infer stage writes it, every structure 1-11 mL unless given."""
     measured = {label.name: float(label.value) for label in manifest.outputs.segmentation.labels}
-    return {"model": "knee-demo@2.1.0", "series_uid": "1.2.3",
+    return {"model": "knee-demo@2.2.0", "series_uid": "1.2.3",
             "volumes_ml": measured | volumes,
             "classification": {"acl": {"probability": probability, "threshold": 0.5,
                                        "decision": decision, "features": {}}}}
@@ -75,7 +75,7 @@ def test_exam_and_technique_name_the_study_the_series_and_the_model(source, mani
     technique = " ".join(section(text, "TECHNIQUE").split("\n"))
     assert f'"{source.SeriesDescription}"' in technique
     assert f"series {source.SeriesNumber}," in technique
-    assert "knee-demo@2.1.0" in technique
+    assert "knee-demo@2.2.0" in technique
 
 
 def test_a_torn_acl_reads_as_a_suspected_tear_with_its_probability(source, manifest):

@@ -131,7 +131,7 @@ def test_the_seg_is_a_new_series_in_the_source_study(case, binary):
     assert ds.SOPInstanceUID == result_uid(case.loaded.series_uid, case.model_id, "seg", "sop")
     assert ds.SeriesInstanceUID == result_uid(case.loaded.series_uid, case.model_id, "seg",
                                               "series")
-    versions = [f"aiworker {aiworker.__version__}", "knee-demo 2.1.0"]
+    versions = [f"aiworker {aiworker.__version__}", "knee-demo 2.2.0"]
     assert (ds.Manufacturer, ds.ManufacturerModelName) == ("aiworker", "knee-demo")
     assert list(ds.SoftwareVersions) == versions
     ours = [item for item in ds.ContributingEquipmentSequence

@@ -31,7 +31,7 @@ from aiworker.results.sr import SRError, build_sr
 from aiworker.results.uids import result_uid
 
 MANIFEST_PATH = Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo" / "model.yaml"
-MODEL_ID = "knee-demo@2.1.0"
+MODEL_ID = "knee-demo@2.2.0"
 TEAR = sr_module.FINDING_CODES["acl"]
 
 
@@ -142,7 +142,7 @@ def test_procedure_observer_and_language(job: Job, tmp_path: Path):
     assert procedure.ConceptCodeSequence[0].CodeValue == "241641004"
     [observer] = content.get_observer_contexts(observer_type=codes.DCM.Device)
     attributes = observer.observer_identifying_attributes
-    assert attributes.name == "knee-demo 2.1.0"
+    assert attributes.name == "knee-demo 2.2.0"
     assert attributes.manufacturer_name == "aiworker"
     assert attributes.model_name == "knee-demo"
     language = [item for item in root.ContentSequence
@@ -171,7 +171,7 @@ def test_one_group_per_structure_with_its_volume_and_segment(job: Job, tmp_path:
         assert group.finding_type.value == label.type.value
         algorithm = {item.name.value: item.value for item in group[0].ContentSequence
                      if item.name in (codes.DCM.AlgorithmName, codes.DCM.AlgorithmVersion)}
-        assert algorithm == {"111001": "knee-demo", "111003": "2.1.0"}
+        assert algorithm == {"111001": "knee-demo", "111003": "2.2.0"}
 
 
 def test_the_acl_group_carries_the_tear_finding_and_its_probability(job: Job, tmp_path: Path):

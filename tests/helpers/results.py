@@ -21,7 +21,7 @@ from aiworker.phantom.truth import truth_series
 
 MANIFEST = load_manifest(Path(__file__).parents[2] / "aiworker" / "models" / "knee_demo"
                          / "model.yaml")
-MODEL_ID = "knee-demo@2.1.0"
+MODEL_ID = "knee-demo@2.2.0"
 VOLUME = "118565006"  # SCT Volume, the SR's measurement
 TRACKING_IDENTIFIER = "112039"  # DCM Tracking Identifier
 

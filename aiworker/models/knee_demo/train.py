@@ -58,7 +58,7 @@ from aiworker.models.knee_demo.labels import ACL, CLASSES, PCL, manifest_labels
 log = logging.getLogger("knee_demo.train")
 
 HERE = Path(__file__).resolve().parent
-NAME, VERSION = "knee-demo", "2.1.0"
+NAME, VERSION = "knee-demo", "2.2.0"
 KERNELS = [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 STRIDES = [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]
 FILTERS = [8, 16, 32, 64, 128]
