@@ -13,7 +13,7 @@ from monai.networks.nets import DynUNet
 
 from aiworker.infer.manifest_sections import Input
 from aiworker.models.knee_demo import batches, data, randomise, train
-from aiworker.models.knee_demo.labels import CLASSES
+from aiworker.models.knee_demo.labels import ACL, CLASSES
 
 SHAPE = (100, 100, 34)  # a little larger than one training patch
 
@@ -121,8 +121,6 @@ def test_the_logistic_fit_separates_separable_cases_on_the_right_feature():
 def test_the_acl_weight_scales_the_loss_of_acl_errors_only():
     """A prediction right everywhere but on the ACL costs more with --acl-weight 3 than
     with 1; one right everywhere but on the femur costs about the same."""
-    from aiworker.models.knee_demo.labels import ACL
-
     labels = torch.from_numpy(_labelled_volume(0)[1][None, None, :, :8].astype(np.int64))
 
     def loss(wrong_class: int, acl_weight: float) -> float:

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers.results import MODEL_ID
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.parser import parse_message, parse_segment
@@ -33,7 +34,6 @@ from aiworker.results.report import SeriesInfo, report_text
 from aiworker.results.uids import message_control_id
 
 MODEL_YAML = Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo" / "model.yaml"
-MODEL_ID = "knee-demo@2.2.0"
 NAME = "O'BRIEN^SIOBHÁN"
 SETTINGS = Hl7Settings(sending_application="AIWORKER", sending_facility="RADIOLOGY",
                        receiving_application="EPIC", receiving_facility="ST-MARYS",

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers.results import MODEL_ID
 from helpers.tools import dciodvfy_errors
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -31,7 +32,6 @@ from aiworker.results.sr import SRError, build_sr
 from aiworker.results.uids import result_uid
 
 MANIFEST_PATH = Path(__file__).parents[1] / "aiworker" / "models" / "knee_demo" / "model.yaml"
-MODEL_ID = "knee-demo@2.2.0"
 TEAR = sr_module.FINDING_CODES["acl"]
 
 
