@@ -133,3 +133,28 @@ def test_the_acl_weight_scales_the_loss_of_acl_errors_only():
     assert loss(ACL, 3.0) > 1.5 * loss(ACL, 1.0)
     femur = 1  # STRUCTURES[1]
     assert abs(loss(femur, 3.0) - loss(femur, 1.0)) < 0.2 * loss(femur, 1.0)
+
+
+def test_a_bfloat16_autocast_step_moves_the_float32_weights_as_a_float32_step_does(
+        tmp_path: Path):
+    torch.manual_seed(5)
+    train.save_weights(DynUNet(**train.network_args()), tmp_path / "init.pt")
+    validation = [data.Sample(0, *_labelled_volume(2), spacing=(1.0, 1.0, 3.0), torn=False)]
+    steps = {}
+    for amp in ("bfloat16", "none"):
+        schedule = train.Schedule(iterations=1, lr=1e-3, refresh_every=10, validate_every=1,
+                                  init=tmp_path / "init.pt", amp_dtype=amp)
+        (tmp_path / amp).mkdir()
+        network = train.train(FixedPool(1), schedule, seed=0, out=tmp_path / amp,
+                              validation=validation)
+        steps[amp] = network.state_dict()
+    initial = torch.load(tmp_path / "init.pt")
+    agree = total = 0
+    for key, before in initial.items():
+        if not before.is_floating_point():
+            continue
+        assert steps["bfloat16"][key].dtype == torch.float32
+        moved = [torch.sign(steps[amp][key] - before) for amp in ("bfloat16", "none")]
+        agree += int(((moved[0] == moved[1]) & (moved[1] != 0)).sum())
+        total += int((moved[1] != 0).sum())
+    assert total > 1000 and agree / total > 0.8  # Adam's first step: +-lr where grads agree

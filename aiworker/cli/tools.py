@@ -99,7 +99,7 @@ def train_demo(
     fit_cases: Annotated[int | None, typer.Option(
         help="Studies the ACL head is fitted on (default 80).")] = None,
     iterations: Annotated[int | None, typer.Option(
-        help="Training iterations (default 3000).")] = None,
+        help="Training iterations (default 4500).")] = None,
     max_minutes: Annotated[float | None, typer.Option(
         help="Stop after this long, keeping the best weights so far.")] = None,
     init: Annotated[Path | None, typer.Option(

@@ -12,9 +12,11 @@ Recipe (the model card says why):
    one background process draws fresh anatomies and every ``--refresh-every`` iterations
    they replace the pool's oldest samples (in a fixed order, so the run stays reproducible).
 2. Train a MONAI DynUNet (anisotropic kernels: in-plane only at full resolution, 3-D below)
-   with Dice + cross-entropy on random patches, two thirds of them centred on a structure
-   drawn uniformly (so the small ACL, PCL and menisci are seen as often as the femur), with
-   a left/right flip (a mirrored right knee is a left knee) and small intensity changes.
+   with Dice + cross-entropy (the ACL's term weighted ``--acl-weight``), the forward pass
+   autocast to bfloat16 (``--amp-dtype``), on random patches, two thirds of them centred
+   on a structure drawn uniformly (so the small ACL, PCL and menisci are seen as often as
+   the femur), with a left/right flip (a mirrored right knee is a left knee) and small
+   intensity changes.
    ``--init`` starts from earlier weights (fine-tuning) instead of random ones. Every
    ``--validate-every`` iterations the network segments a fixed validation set and the best
    weights so far are kept (``best.pt``), so a run cut off still leaves them;
@@ -28,7 +30,8 @@ Recipe (the model card says why):
    retraining does not drop the quality gate; ``python bench/gate.py`` re-derives its ranges
    for the new weights.
 
-Everything random is seeded from ``--seed``; the same command on the same versions of
+The defaults are the one-command recipe of the model card (seed 0: 68.7 minutes on 2 CPU
+cores). Everything random is seeded from ``--seed``; the same command on the same versions of
 torch and MONAI reproduces the weights up to floating-point summation order (without
 ``--max-minutes``, which depends on the machine's speed).
 """
@@ -137,14 +140,15 @@ def write_manifest(out: Path, region: RegionClassifier) -> Path:
 class Schedule:
     """How long and how to train."""
 
-    iterations: int = 3000
+    iterations: int = 4500
     lr: float = 3e-3
     batch: int = 2
-    refresh_every: int = 5
-    validate_every: int = 250
+    refresh_every: int = 10
+    validate_every: int = 500
     max_minutes: float | None = None
     init: Path | None = None
-    acl_weight: float = 1.0  # the ACL's weight in the loss, the other classes' being 1
+    acl_weight: float = 3.0  # the ACL's weight in the loss, the other classes' being 1
+    amp_dtype: str = "bfloat16"  # autocast of the forward pass ("none": float32 throughout)
 
 
 def loss_function(acl_weight: float) -> DiceCELoss:
@@ -176,7 +180,10 @@ def train(pool: Pool, schedule: Schedule, seed: int, out: Path,
     for iteration in range(1, iterations + 1):
         network.train()
         images, labels = patch_batch(pool.padded, schedule.batch, rng)
-        loss = loss_of(network(images.to(device)), labels.to(device))
+        with torch.autocast(device.type, dtype=getattr(torch, schedule.amp_dtype, None),
+                            enabled=schedule.amp_dtype != "none"):
+            logits = network(images.to(device))
+        loss = loss_of(logits.float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -291,17 +298,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", type=int, default=160, help="samples in the pool")
     parser.add_argument("--per-anatomy", type=int, default=2)
-    parser.add_argument("--real-share", type=float, default=randomise.TRAINING.real_share,
+    parser.add_argument("--real-share", type=float, default=0.7,
                         help="share of samples with the real PD FS contrast")
     parser.add_argument("--fit-cases", type=int, default=80)
-    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--iterations", type=int, default=4500)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--refresh-every", type=int, default=5)
-    parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--refresh-every", type=int, default=10)
+    parser.add_argument("--validate-every", type=int, default=500)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--init", type=Path, default=None, help="weights to start from")
-    parser.add_argument("--acl-weight", type=float, default=1.0,
+    parser.add_argument("--acl-weight", type=float, default=3.0,
                         help="the ACL's weight in the loss (the other classes weigh 1)")
+    parser.add_argument("--amp-dtype", choices=["bfloat16", "none"], default="bfloat16",
+                        help="autocast of the training forward pass (bfloat16: ~1.6x faster "
+                             "on a CPU with AVX-512 BF16 and on a GPU; the weights stay "
+                             "float32)")
     parser.add_argument("--fit-only", action="store_true",
                         help="refit the ACL head for the weights in --out")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -343,7 +354,7 @@ def train_network(args: argparse.Namespace) -> torch.nn.Module:
     schedule = Schedule(iterations=args.iterations, lr=args.lr,
                         refresh_every=args.refresh_every, validate_every=args.validate_every,
                         max_minutes=args.max_minutes, init=args.init,
-                        acl_weight=args.acl_weight)
+                        acl_weight=args.acl_weight, amp_dtype=args.amp_dtype)
     try:
         return train(pool, schedule, args.seed, args.out, validation)
     finally:
