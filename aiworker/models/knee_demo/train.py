@@ -138,7 +138,7 @@ def write_manifest(out: Path, region: RegionClassifier) -> Path:
 
 @dataclass(frozen=True)
 class Schedule:
-    """How long and how to train."""
+    """How long and how to train (the defaults: the model card's one-command recipe)."""
 
     iterations: int = 4500
     lr: float = 3e-3
@@ -149,6 +149,9 @@ class Schedule:
     init: Path | None = None
     acl_weight: float = 3.0  # the ACL's weight in the loss, the other classes' being 1
     amp_dtype: str = "bfloat16"  # autocast of the forward pass ("none": float32 throughout)
+
+
+RECIPE = Schedule()  # the one-command recipe: the command line's defaults
 
 
 def loss_function(acl_weight: float) -> DiceCELoss:
@@ -301,18 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--real-share", type=float, default=0.7,
                         help="share of samples with the real PD FS contrast")
     parser.add_argument("--fit-cases", type=int, default=80)
-    parser.add_argument("--iterations", type=int, default=4500)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--refresh-every", type=int, default=10)
-    parser.add_argument("--validate-every", type=int, default=500)
+    parser.add_argument("--iterations", type=int, default=RECIPE.iterations)
+    parser.add_argument("--lr", type=float, default=RECIPE.lr)
+    parser.add_argument("--refresh-every", type=int, default=RECIPE.refresh_every)
+    parser.add_argument("--validate-every", type=int, default=RECIPE.validate_every)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--init", type=Path, default=None, help="weights to start from")
-    parser.add_argument("--acl-weight", type=float, default=3.0,
+    parser.add_argument("--acl-weight", type=float, default=RECIPE.acl_weight,
                         help="the ACL's weight in the loss (the other classes weigh 1)")
-    parser.add_argument("--amp-dtype", choices=["bfloat16", "none"], default="bfloat16",
+    parser.add_argument("--amp-dtype", choices=["bfloat16", "none"], default=RECIPE.amp_dtype,
                         help="autocast of the training forward pass (bfloat16: ~1.6x faster "
-                             "on a CPU with AVX-512 BF16 and on a GPU; the weights stay "
-                             "float32)")
+                             "a step on a CPU with AVX-512 BF16; the weights stay float32)")
     parser.add_argument("--fit-only", action="store_true",
                         help="refit the ACL head for the weights in --out")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
