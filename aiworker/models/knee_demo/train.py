@@ -179,12 +179,13 @@ def train(pool: Pool, schedule: Schedule, seed: int, out: Path,
     optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=1e-5)
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - i / iterations) ** 0.9)
     loss_of = loss_function(schedule.acl_weight).to(device)
+    amp = schedule.amp_dtype != "none"
+    dtype = getattr(torch, schedule.amp_dtype) if amp else None
     started, running, best = time.monotonic(), [], -1.0
     for iteration in range(1, iterations + 1):
         network.train()
         images, labels = patch_batch(pool.padded, schedule.batch, rng)
-        with torch.autocast(device.type, dtype=getattr(torch, schedule.amp_dtype, None),
-                            enabled=schedule.amp_dtype != "none"):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
             logits = network(images.to(device))
         loss = loss_of(logits.float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
