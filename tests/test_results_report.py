@@ -8,6 +8,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from helpers.results import MODEL_ID
 from pydicom.dataset import Dataset
 
 from aiworker.infer.manifest import Manifest, load_manifest
@@ -39,7 +40,7 @@ def findings(manifest: Manifest, decision: str, probability: float,
              **volumes: float) -> dict[str, Any]:
     """A findings dict as the infer stage writes it, every structure 1-11 mL unless given."""
     measured = {label.name: float(label.value) for label in manifest.outputs.segmentation.labels}
-    return {"model": "knee-demo@2.2.0", "series_uid": "1.2.3",
+    return {"model": MODEL_ID, "series_uid": "1.2.3",
             "volumes_ml": measured | volumes,
             "classification": {"acl": {"probability": probability, "threshold": 0.5,
                                        "decision": decision, "features": {}}}}
@@ -75,7 +76,7 @@ def test_exam_and_technique_name_the_study_the_series_and_the_model(source, mani
     technique = " ".join(section(text, "TECHNIQUE").split("\n"))
     assert f'"{source.SeriesDescription}"' in technique
     assert f"series {source.SeriesNumber}," in technique
-    assert "knee-demo@2.2.0" in technique
+    assert MODEL_ID in technique
 
 
 def test_a_torn_acl_reads_as_a_suspected_tear_with_its_probability(source, manifest):
